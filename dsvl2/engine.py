@@ -1,0 +1,219 @@
+"""The generation engine: validate on the CPU, prefill, then a fixed-shape decode loop that streams text.
+
+Design (after gpt-fast): a static KV cache with a batch dimension, positions held in a device
+tensor, and one decode step of fixed shape (model step + sampling + bookkeeping) captured in a
+CUDA graph on the GPU. The host never waits for the step it has just launched: it launches step
+n+1 and only then reads token n (copied asynchronously to pinned memory), so the GPU always has
+the next step queued. Batch 1 is what runs now; the cache, positions and sampler rows already
+carry per-request state so several requests can share a step later.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .detokenize import StreamDecoder
+from .errors import InputError, PromptTooLong
+from .loader import load_model
+from .model import DeepseekVL2
+from .moe import MoE
+from .processor import Encoded, Processor
+from .sampling import RequestRng, SamplingParams, draw_noise, sample, seen_from_prompt, update_seen, validate_params
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    time_to_first_token_s: float = 0.0
+    tokens_per_second: float = 0.0
+    finish_reason: str = ""  # "stop" (eos), "length", "cancelled"
+
+
+@dataclass
+class Request:
+    encoded: Encoded
+    params: SamplingParams
+    max_new_tokens: int
+    seed: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+class Engine:
+    def __init__(self, model: DeepseekVL2, processor: Processor, log: Callable[[str], None] = print,
+                 cuda_graphs: bool | None = None, max_batch: int = 1) -> None:
+        self.model = model
+        self.processor = processor
+        self.log = log
+        self.device = model.device
+        self.context = model.cfg.language.max_position_embeddings
+        self.vocab = model.cfg.language.vocab_size
+        self.eos_id = processor.eos_id
+        self.use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.cache = model.language.new_cache(max_batch)  # [layers, B, S, 576]
+        b, dev = max_batch, self.device
+        # The decode step's static inputs and per-row sampling state.
+        self.tokens = torch.zeros(b, dtype=torch.int64, device=dev)
+        self.pos = torch.zeros(b, dtype=torch.int64, device=dev)
+        self.seen = torch.zeros(b, self.vocab, dtype=torch.bool, device=dev)
+        self.noise = torch.ones(b, self.vocab, dtype=torch.float32, device=dev)
+        self.temperature = torch.zeros(b, device=dev)
+        self.top_p = torch.ones(b, device=dev)
+        self.top_k = torch.zeros(b, dtype=torch.int64, device=dev)
+        self.penalty = torch.ones(b, device=dev)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir: str | Path, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
+                        log: Callable[[str], None] = print, **kwargs) -> Engine:
+        processor = Processor.from_pretrained(checkpoint_dir)
+        model = load_model(checkpoint_dir, device, dtype, log=log)
+        return cls(model, processor, log=log, **kwargs)
+
+    # ---- request validation (CPU only, before any GPU work) ----
+    def prepare(self, prompt: str, images: list[Image.Image], params: SamplingParams,
+                max_new_tokens: int) -> Request:
+        validate_params(params)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        encoded = self.processor.encode(prompt, images)
+        n = len(encoded.input_ids)
+        if n >= self.context:
+            raise PromptTooLong(
+                f"PromptTooLong: the prompt is {n} tokens (text plus {sum(encoded.num_image_tokens)} image tokens) "
+                f"but the model's context is {self.context} tokens, and at least one must be left for the answer; "
+                "use fewer or smaller images or a shorter prompt")
+        if n + max_new_tokens > self.context:
+            cut = self.context - n
+            self.log(f"max_new_tokens {max_new_tokens} cut to {cut}: prompt {n} + answer must fit in {self.context}")
+            max_new_tokens = cut
+        rng_seed = RequestRng(params.seed, "cpu").seed  # draws a seed when none is given, so it can be logged
+        return Request(encoded, params, max_new_tokens, seed=rng_seed,
+                       stats=GenerationStats(prompt_tokens=n))
+
+    # ---- generation ----
+    @torch.inference_mode()
+    def stream(self, req: Request, cancel: threading.Event | None = None) -> Iterator[str]:
+        """Yield text chunks as tokens arrive; stops at eos, at max_new_tokens or when cancel is set."""
+        t0 = time.perf_counter()
+        enc, p, row = req.encoded, req.params, 0
+        rng = RequestRng(req.seed, self.device)
+        sampling = p.temperature > 0
+        self.temperature[row], self.top_p[row], self.top_k[row], self.penalty[row] = (
+            p.temperature, p.top_p, p.top_k, p.repetition_penalty)
+        self.seen[row] = seen_from_prompt(enc.input_ids.to(self.device), self.vocab)
+
+        embeds = self.model.embed(enc.input_ids, enc.image_mask, enc.pixel_values, enc.spatial_crops)
+        hidden = self.model.language.prefill(embeds[None], self.cache[:, row:row + 1])
+        logits = self.model.language.logits(hidden[:, -1])  # [1, V]
+        if sampling:
+            draw_noise([rng], self.vocab, self.device, out=self.noise[row:row + 1])
+        first = sample(logits, self.seen[row:row + 1], self.temperature[row:row + 1], self.top_p[row:row + 1],
+                       self.top_k[row:row + 1], self.penalty[row:row + 1], self.noise[row:row + 1])
+        update_seen(self.seen[row:row + 1], first)
+        self.tokens[row] = first[0]
+        self.pos[row] = len(enc.input_ids)
+
+        decoder = StreamDecoder(self.processor.tokenizer, {self.processor.bos_id, self.eos_id, self.processor.pad_id})
+        host = torch.empty(2, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        events = [self._copy_token(host, 0, row)]
+        t_first = t_last = None
+        finish = "length"
+        for i in range(req.max_new_tokens):
+            # Queue the next step before reading this token, so the GPU never idles on the host.
+            if i + 1 < req.max_new_tokens:
+                if sampling:
+                    rng.fill(self.noise[row])
+                self._step()
+                events.append(self._copy_token(host, (i + 1) % 2, row))
+            if events[i] is not None:
+                events[i].synchronize()
+            token = int(host[i % 2])
+            t_last = time.perf_counter()
+            if t_first is None:
+                t_first = t_last
+                req.stats.time_to_first_token_s = t_first - t0
+            if token == self.eos_id:
+                finish = "stop"
+                break
+            req.output_ids.append(token)
+            req.stats.output_tokens = len(req.output_ids)
+            text = decoder.push(token)
+            if text:
+                yield text
+            if cancel is not None and cancel.is_set():
+                finish = "cancelled"
+                break
+        tail = decoder.flush()
+        if tail:
+            yield tail
+        if self.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()  # let a queued speculative step finish
+        n = len(req.output_ids)
+        if n > 1 and t_last > t_first:
+            req.stats.tokens_per_second = (n - 1) / (t_last - t_first)
+        req.stats.finish_reason = finish
+
+    def _copy_token(self, host: torch.Tensor, slot: int, row: int) -> torch.cuda.Event | None:
+        host[slot].copy_(self.tokens[row], non_blocking=True)
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    def _step_eager(self) -> None:
+        """One decode step for every row: model, sampler, bookkeeping; no host synchronisation."""
+        logits = self.model.language.decode(self.tokens, self.pos, self.cache)
+        nxt = sample(logits, self.seen, self.temperature, self.top_p, self.top_k, self.penalty, self.noise)
+        update_seen(self.seen, nxt)
+        self.tokens.copy_(nxt)
+        self.pos.add_(1)
+
+    def _step(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step_eager()
+
+    def capture(self) -> None:
+        """Capture the decode step in a CUDA graph (after a warm-up run on a side stream)."""
+        if not self.use_graphs:
+            return
+        saved = [t.clone() for t in (self.tokens, self.pos, self.seen)]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step_eager()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph):
+            self._step_eager()
+        for t, s in zip((self.tokens, self.pos, self.seen), saved, strict=True):
+            t.copy_(s)
+        self.graph = graph
+
+    def warmup(self) -> None:
+        """Capture the decode graph, then run one short real generation through the whole path."""
+        t0 = time.perf_counter()
+        self.capture()
+        image = Image.new("RGB", (640, 480), (200, 120, 40))
+        req = self.prepare("<image>\nDescribe this image.", [image], SamplingParams(temperature=0.1, seed=0), 8)
+        text = "".join(self.stream(req))
+        self.log(f"warm-up: {req.stats.output_tokens} tokens ({text[:40]!r}) in {time.perf_counter() - t0:.1f} s")
+
+
+def set_moe_impl(impl: str) -> None:
+    """Choose the routed-expert implementation for every MoE layer: "grouped" (fast) or "loop" (plain)."""
+    if impl not in ("grouped", "loop"):
+        raise ValueError(f"unknown MoE implementation {impl!r}")
+    MoE.impl = impl

@@ -1,0 +1,202 @@
+"""DeepSeek-V2-Lite-shaped language model: multi-head latent attention (MLA) + mixture of experts.
+
+Module names follow the checkpoint keys (``language.model.layers.{i}.self_attn.q_proj`` ...), except
+the routed experts, which are stacked into two tensors per layer (see ``moe.EXPERT_KEYS``).
+
+The KV cache holds 576 values per token per layer: the normalised compressed kv (512) and the
+shared rotary key (64). Prefill expands it through ``kv_b_proj`` (plain attention over
+192-dim keys); decode absorbs ``kv_b_proj`` into the query and output sides instead, so a step
+reads only the compressed cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LanguageConfig
+from .moe import MLP, MoE
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Variance in float32, then back to the input dtype before the weight, as upstream.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_table(max_pos: int, dim: int, theta: float, device: torch.device | str) -> torch.Tensor:
+    """[max_pos, 2, dim] float32 (cos, sin) in rotate-half layout: frequencies repeated twice."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    # Upstream keeps inv_freq in a buffer that is cast with the model to the checkpoint's bfloat16, so
+    # the reference's frequencies are bf16-rounded even when it computes in float32. The error grows
+    # with the position (radians by position ~1000), so long prompts need exactly this rounding.
+    inv_freq = inv_freq.to(torch.bfloat16).float()
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32, device=device), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return torch.stack([emb.cos(), emb.sin()], dim=1)
+
+
+def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """x [..., T, (H,) d] stored as interleaved pairs; cos_sin [..., T, 2, d] broadcast over heads.
+
+    The checkpoint's rope dims are interleaved (x0,x1),(x2,x3)...; upstream de-interleaves them and
+    then applies a rotate-half rotation. q and k both go through this, so their dot products match.
+    """
+    d = x.shape[-1]
+    x = x.unflatten(-1, (d // 2, 2)).transpose(-1, -2).flatten(-2)  # de-interleave
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    cos, sin = cos_sin.unbind(-2)
+    if x.dim() == cos.dim() + 1:  # per-head tensor: broadcast over the head axis
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LanguageConfig) -> None:
+        super().__init__()
+        self.h, self.nope, self.rope, self.vdim = (
+            cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim)
+        self.rank = cfg.kv_lora_rank
+        self.scale = cfg.qk_head_dim**-0.5
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, self.h * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, self.rank + self.rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.rank, self.h * (self.nope + self.vdim), bias=False)
+        self.o_proj = nn.Linear(self.h * self.vdim, d, bias=False)
+
+    def _project(self, x: torch.Tensor, cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, D] -> q_nope [B, T, H, nope], q_rope [B, T, H, rope], latent [B, T, rank + rope]"""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.h, self.nope + self.rope)
+        q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
+        c, k_rope = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
+        latent = torch.cat([self.kv_a_layernorm(c), apply_rope(k_rope, cos_sin)], dim=-1)
+        return q_nope, apply_rope(q_rope, cos_sin), latent
+
+    def prefill(self, x: torch.Tensor, cos_sin: torch.Tensor, cache: torch.Tensor, start: int) -> torch.Tensor:
+        """x [B, T, D] at positions start..start+T-1; cache [B, S, rank + rope] is written in place."""
+        b, t, _ = x.shape
+        q_nope, q_rope, latent = self._project(x, cos_sin)
+        cache[:, start:start + t] = latent
+        past = cache[:, : start + t]  # [B, P, rank + rope]
+        c, k_rope = past.split([self.rank, self.rope], dim=-1)
+        kv = self.kv_b_proj(c).view(b, start + t, self.h, self.nope + self.vdim)
+        k_nope, v = kv.split([self.nope, self.vdim], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [B, H, T, 192]
+        k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, self.h, -1)], dim=-1).transpose(1, 2)
+        v = F.pad(v, (0, self.nope + self.rope - self.vdim)).transpose(1, 2)  # pad v to the qk width
+        if start == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        out = out[..., : self.vdim].transpose(1, 2).reshape(b, t, self.h * self.vdim)
+        return self.o_proj(out)
+
+    def decode(self, x: torch.Tensor, cos_sin: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One token per row. x [B, 1, D]; pos [B] (int64, on device); cache [B, S, rank + rope].
+
+        Fixed shapes whatever the positions, so a step can be captured in a CUDA graph.
+        """
+        b = x.shape[0]
+        q_nope, q_rope, latent = self._project(x, cos_sin)
+        rows = torch.arange(b, device=x.device)
+        cache[rows, pos] = latent[:, 0]
+        w = self.kv_b_proj.weight.view(self.h, self.nope + self.vdim, self.rank)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]  # [H, nope, rank], [H, v, rank]
+        q_lat = torch.einsum("bhd,hdr->bhr", q_nope[:, 0], w_uk)  # [B, H, rank]
+        q_full = torch.cat([q_lat, q_rope[:, 0]], dim=-1)  # [B, H, rank + rope]
+        scores = torch.matmul(q_full, cache.transpose(1, 2)).float() * self.scale  # [B, H, S]
+        visible = torch.arange(cache.shape[1], device=x.device)[None, :] <= pos[:, None]  # [B, S]
+        scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1).to(x.dtype)
+        o_lat = torch.matmul(probs, cache[..., : self.rank])  # [B, H, rank]
+        out = torch.einsum("bhr,hvr->bhv", o_lat, w_uv).reshape(b, 1, self.h * self.vdim)
+        return self.o_proj(out)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LanguageConfig, index: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(index) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, cache: torch.Tensor,
+                pos: torch.Tensor | int) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        if isinstance(pos, int):
+            h = self.self_attn.prefill(h, cos_sin, cache, pos)
+        else:
+            h = self.self_attn.decode(h, cos_sin, cache, pos)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    """``language.model``: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: LanguageConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LanguageModel(nn.Module):
+    """``language``: the decoder stack and the untied ``lm_head``."""
+
+    def __init__(self, cfg: LanguageConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = DecoderStack(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("rope", torch.empty(0), persistent=False)
+
+    def init_buffers(self) -> None:
+        """Compute the rotary table on the weights' device (the model is built on the meta device)."""
+        c = self.cfg
+        device = self.lm_head.weight.device
+        self.rope = rope_table(c.max_position_embeddings, c.qk_rope_head_dim, c.rope_theta, device)
+
+    def new_cache(self, batch: int, length: int | None = None) -> torch.Tensor:
+        """[layers, B, S, rank + rope] in the model dtype; S defaults to the full context."""
+        c = self.cfg
+        s = length or c.max_position_embeddings
+        w = self.lm_head.weight
+        return torch.zeros(c.num_hidden_layers, batch, s, c.kv_lora_rank + c.qk_rope_head_dim,
+                           dtype=w.dtype, device=w.device)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h [..., D] -> float32 logits [..., V]"""
+        return self.lm_head(self.model.norm(h)).float()
+
+    def prefill(self, embeds: torch.Tensor, cache: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """embeds [B, T, D] at positions start..start+T-1 -> hidden states [B, T, D]; fills the cache."""
+        t = embeds.shape[1]
+        if start + t > cache.shape[2]:
+            raise ValueError(f"{start + t} positions do not fit in a cache of {cache.shape[2]}")
+        cos_sin = self.rope[start:start + t][None]  # [1, T, 2, rope]
+        x = embeds
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos_sin, cache[i], start)
+        return x
+
+    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+        """tokens [B], pos [B] (positions of these tokens) -> float32 logits [B, V]."""
+        x = self.model.embed_tokens(tokens)[:, None]  # [B, 1, D]
+        cos_sin = self.rope[pos][:, None]  # [B, 1, 2, rope]
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos_sin, cache[i], pos)
+        return self.logits(x[:, 0])

@@ -1,0 +1,178 @@
+"""Strict checkpoint loader for the official DeepSeek-VL2 layout.
+
+The model is built on the meta device (no random initialisation); each shard is memory-mapped
+and every tensor is assigned in place, converted to the requested device and dtype one tensor at a
+time (no second full copy in host memory). Every parameter must be filled and every checkpoint key
+used, except ``vision.attn_pool.*`` (the SigLIP pooling head that upstream never runs). Any
+missing shard, truncated or corrupt file, unknown key or wrong shape is an error naming the file
+and the key.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .errors import CheckpointError
+from .model import DeepseekVL2
+from .moe import EXPERT_KEYS
+
+DROPPED_PREFIXES = ("vision.attn_pool.",)
+_EXPERT_RE = re.compile(r"^(language\.model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def shard_files(ckpt: Path) -> dict[str, Path]:
+    """Map each tensor name to the shard that holds it, from the index (or a single-file checkpoint)."""
+    index = ckpt / "model.safetensors.index.json"
+    if not index.exists():
+        single = ckpt / "model.safetensors"
+        if single.exists():
+            return {name: single for name in read_header(single)}
+        raise CheckpointError(f"{ckpt}: no model.safetensors.index.json and no model.safetensors")
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+    missing = sorted({f for f in weight_map.values() if not (ckpt / f).exists()})
+    if missing:
+        raise CheckpointError(f"{ckpt}: shard file(s) missing: {', '.join(missing)} (the download is incomplete)")
+    return {name: ckpt / f for name, f in weight_map.items()}
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """Parse and validate a safetensors header against the file's size."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated ({size} bytes): no safetensors header")
+        n = int.from_bytes(raw, "little")
+        if n > size - 8:
+            raise CheckpointError(f"{path}: truncated or corrupt: header claims {n} bytes, file has {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        if info["dtype"] not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        itemsize = _DTYPES[info["dtype"]].itemsize
+        count = 1
+        for d in info["shape"]:
+            count *= d
+        if end - begin != count * itemsize:
+            raise CheckpointError(f"{path}: tensor {name}: {end - begin} bytes for shape {info['shape']}")
+        if 8 + n + end > size:
+            raise CheckpointError(f"{path}: truncated: tensor {name} ends at byte {8 + n + end}, file has {size}")
+        info["start"] = 8 + n + begin
+    return header
+
+
+def iter_tensors(ckpt: Path, names: dict[str, Path]) -> Iterator[tuple[str, Path, torch.Tensor]]:
+    """Yield (name, shard, tensor) with each tensor a zero-copy view of its memory-mapped shard."""
+    by_file: dict[Path, list[str]] = {}
+    for name, path in names.items():
+        by_file.setdefault(path, []).append(name)
+    for path, wanted in by_file.items():
+        header = read_header(path)
+        with path.open("rb") as f:
+            # ACCESS_COPY: a private mapping, so torch can wrap it without a writable-buffer warning.
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        for name in wanted:
+            if name not in header:
+                raise CheckpointError(f"{path}: the index lists tensor {name} but the shard does not contain it")
+            info = header[name]
+            dtype = _DTYPES[info["dtype"]]
+            count = (info["data_offsets"][1] - info["data_offsets"][0]) // dtype.itemsize
+            if count:
+                t = torch.frombuffer(mm, dtype=dtype, count=count, offset=info["start"])
+            else:
+                t = torch.empty(0, dtype=dtype)
+            yield name, path, t.view(info["shape"])
+
+
+def load_model(ckpt: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+               log: Callable[[str], None] = lambda s: None) -> DeepseekVL2:
+    """Build DeepSeek-VL2 from an official checkpoint directory, strictly."""
+    ckpt = Path(ckpt)
+    t0 = time.perf_counter()
+    cfg = ModelConfig.from_file(ckpt / "config.json")
+    with torch.device("meta"):
+        model = DeepseekVL2(cfg)
+    model.eval().requires_grad_(False)
+    params = dict(model.named_parameters())
+    # What must be filled: every plain parameter, and every (expert, row block) of a stacked one.
+    unfilled: set = {n for n in params if not n.endswith((".w13", ".w2"))}
+    for n, p in params.items():
+        if n.endswith((".w13", ".w2")):
+            blocks = 2 if n.endswith(".w13") else 1  # w13 holds gate then up rows
+            unfilled |= {(n, e, o) for e in range(p.shape[0]) for o in range(blocks)}
+    stacked: dict[str, torch.Tensor] = {}
+    names = {n: p for n, p in shard_files(ckpt).items() if not n.startswith(DROPPED_PREFIXES)}
+    n_bytes = 0
+    for name, path, src in iter_tensors(ckpt, names):
+        target, slot = _target(name, params, path)
+        param = params[target]
+        expected = param.shape if slot is None else param.shape[1:] if target.endswith(".w2") else \
+            torch.Size([param.shape[1] // 2, param.shape[2]])
+        if src.shape != expected:
+            raise CheckpointError(
+                f"{path}: tensor {name} has shape {list(src.shape)}, the config expects {list(expected)}")
+        n_bytes += src.numel() * src.element_size()
+        if slot is None:
+            _assign(model, target, src.to(device=device, dtype=dtype))
+            unfilled.discard(target)
+            continue
+        if target not in stacked:
+            stacked[target] = torch.empty(param.shape, device=device, dtype=dtype)
+        expert, block = slot
+        rows = src.shape[0]
+        stacked[target][expert, block * rows:(block + 1) * rows].copy_(src)
+        unfilled.discard((target, expert, block))
+    if unfilled:
+        missing = sorted(_describe(u) for u in unfilled)
+        raise CheckpointError(f"{ckpt}: {len(missing)} parameter(s) not in the checkpoint, e.g. {missing[:5]}")
+    for target, tensor in stacked.items():
+        _assign(model, target, tensor)
+    model.language.init_buffers()
+    log(f"loaded {n_bytes / 1e9:.2f} GB from {ckpt} to {device} as {dtype} in {time.perf_counter() - t0:.1f} s")
+    return model
+
+
+def _describe(item: str | tuple[str, int, int]) -> str:
+    """Name an unfilled parameter by its checkpoint key."""
+    if isinstance(item, str):
+        return item
+    target, expert, block = item
+    proj = next(k for k, (stack, off) in EXPERT_KEYS.items() if target.endswith(stack) and off == block)
+    return f"{target.rpartition('.')[0]}.{expert}.{proj}.weight"
+
+
+def _target(name: str, params: dict[str, nn.Parameter], path: Path) -> tuple[str, tuple[int, int] | None]:
+    """Checkpoint key -> (parameter name, (expert, row block) for a stacked expert, else None)."""
+    m = _EXPERT_RE.match(name)
+    if m and m.group(3) in EXPERT_KEYS:
+        stack, block = EXPERT_KEYS[m.group(3)]
+        target, expert = f"{m.group(1)}.{stack}", int(m.group(2))
+        if target in params and expert < params[target].shape[0]:
+            return target, (expert, block)
+    if name not in params:
+        raise CheckpointError(f"{path}: unknown tensor {name}: not part of the model this config describes")
+    return name, None
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)

@@ -1,0 +1,97 @@
+"""SwiGLU MLPs and the mixture-of-experts block.
+
+The checkpoint stores every routed expert as three matrices
+(``mlp.experts.{j}.{gate,up,down}_proj.weight``); here they are stacked per layer into
+``experts.w13`` [E, 2I, D] (gate rows then up rows) and ``experts.w2`` [E, D, I], so a whole MoE
+block runs as a few grouped matrix products with no host synchronisation. ``EXPERT_KEYS`` declares
+that mapping once, for the loader.
+
+Routing (as upstream): gate logits in float32, softmax over all experts, top-k, weights not
+renormalised, routed scaling 1.0; the weighted sum is taken in float32. The shared experts are one
+wider MLP applied to every token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LanguageConfig
+
+# checkpoint sub-key of one expert -> (stacked parameter, row offset in units of the expert width)
+EXPERT_KEYS = {"gate_proj": ("w13", 0), "up_proj": ("w13", 1), "down_proj": ("w2", 0)}
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """The routed experts of one layer, stacked."""
+
+    def __init__(self, n: int, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.w13 = nn.Parameter(torch.empty(n, 2 * hidden, dim))
+        self.w2 = nn.Parameter(torch.empty(n, dim, hidden))
+
+
+class MoE(nn.Module):
+    # "grouped": sort token-expert pairs and run grouped matrix products (sync-free, the fast path);
+    # "loop": one expert at a time, as the research code does (the plain path the tests compare to).
+    impl: str = "grouped"
+
+    def __init__(self, cfg: LanguageConfig) -> None:
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.gate = nn.Linear(cfg.hidden_size, cfg.n_routed_experts, bias=False)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, D] -> (weights [N, k] float32, expert ids [N, k] int64)"""
+        scores = F.linear(x.float(), self.gate.weight.float()).softmax(dim=-1)
+        return torch.topk(scores, self.top_k, dim=-1, sorted=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N, D]
+        weights, ids = self.route(x)
+        routed = grouped_experts if self.impl == "grouped" else looped_experts
+        y = routed(x, weights, ids, self.experts)
+        return (y + self.shared_experts(x)).view(shape)
+
+
+def grouped_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: Experts) -> torch.Tensor:
+    """Sorted token-expert pairs through two grouped GEMMs. x [N, D] -> [N, D]"""
+    n, k = ids.shape
+    flat = ids.flatten()  # [N*k]
+    order = flat.argsort(stable=True)
+    token = order // k  # which token each sorted pair belongs to
+    counts = torch.zeros(experts.w13.shape[0], dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offs = counts.cumsum(0, dtype=torch.int32)  # end row of each expert's group
+    h = torch._grouped_mm(x[token], experts.w13.transpose(1, 2), offs=offs)  # [N*k, 2I]
+    gate, up = h.split(experts.hidden, dim=-1)
+    y = torch._grouped_mm(F.silu(gate) * up, experts.w2.transpose(1, 2), offs=offs)  # [N*k, D]
+    y = y.float() * weights.flatten()[order, None]
+    return torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, token, y).to(x.dtype)
+
+
+def looped_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: Experts) -> torch.Tensor:
+    """The plain path: a Python loop over the experts that received tokens (synchronises the host)."""
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    for e in ids.unique().tolist():
+        token, slot = (ids == e).nonzero(as_tuple=True)
+        gate, up = F.linear(x[token], experts.w13[e]).split(experts.hidden, dim=-1)
+        y = F.linear(F.silu(gate) * up, experts.w2[e])
+        out.index_add_(0, token, y.float() * weights[token, slot, None])
+    return out.to(x.dtype)

@@ -1,0 +1,225 @@
+"""Cog adapter: DeepSeek-VL2-small behind the Cog HTTP server (coglet), streaming text.
+
+`setup()` finds (or downloads) the checkpoint, loads it and warms the engine up; `run()` checks
+the inputs, decodes the images and streams the answer. Everything model-related is in `dsvl2`.
+
+Environment:
+  DSVL2_WEIGHTS  checkpoint directory (default: `weights/` beside this file). Without a
+                 `config.json` there, setup downloads the official checkpoint into it.
+  DSVL2_DEVICE   `cuda` (default; bfloat16) or `cpu` (float32; for tests and demos only).
+"""
+
+import inspect
+import math
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path as LocalPath
+
+import torch
+from cog import BaseRunner, ConcatenateIterator, Input, Path, streaming
+from cog.input import FieldInfo
+
+from dsvl2.download import ensure_checkpoint
+from dsvl2.engine import Engine
+from dsvl2.errors import CheckpointError, InputError
+from dsvl2.images import load_image
+from dsvl2.sampling import SamplingParams
+
+WEIGHTS_ENV = "DSVL2_WEIGHTS"
+DEVICE_ENV = "DSVL2_DEVICE"
+DEFAULT_WEIGHTS = LocalPath(__file__).resolve().parent / "weights"
+REPO_ID = "deepseek-ai/deepseek-vl2-small"
+DTYPES = {"cuda": torch.bfloat16, "cpu": torch.float32}
+EXTRA_IMAGES = ("image2", "image3", "image4")
+
+
+def log(message: str) -> None:
+    """Setup and prediction logs go to stdout, which coglet captures into the response's logs."""
+    print(message, flush=True)
+
+
+@contextmanager
+def timed(phase: str) -> Iterator[None]:
+    start = time.perf_counter()
+    log(f"setup: {phase} ...")
+    yield
+    log(f"setup: {phase} done in {time.perf_counter() - start:.1f}s")
+
+
+def resolve_device() -> tuple[str, torch.dtype]:
+    """The device from DSVL2_DEVICE; a missing GPU is an error, never a silent CPU fallback."""
+    device = os.environ.get(DEVICE_ENV, "cuda").strip().lower()
+    if device not in DTYPES:
+        raise RuntimeError(f"{DEVICE_ENV}={device!r} is not supported: use 'cuda' (default) or 'cpu'")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "no CUDA GPU is visible to PyTorch. Run the image on an NVIDIA GPU machine "
+            f"(`docker run --gpus all ...`), or set {DEVICE_ENV}=cpu for a slow float32 run on the "
+            "CPU (meant for tests and the demo)."
+        )
+    return device, DTYPES[device]
+
+
+def resolve_checkpoint() -> LocalPath:
+    """The checkpoint directory; the official checkpoint is downloaded there if it holds none."""
+    configured = os.environ.get(WEIGHTS_ENV)
+    directory = LocalPath(configured).expanduser() if configured else DEFAULT_WEIGHTS
+    source = f"{WEIGHTS_ENV}={configured}" if configured else "the default weights directory"
+    if (directory / "config.json").is_file():
+        log(f"setup: checkpoint {directory} ({source})")
+        return directory
+    log(f"setup: no checkpoint in {directory} ({source}); downloading {REPO_ID}")
+    return ensure_checkpoint(directory, repo_id=REPO_ID, log=log)
+
+
+class Runner(BaseRunner):
+    def setup(self) -> None:
+        """Load DeepSeek-VL2-small (bfloat16 on the GPU) and run one short generation."""
+        started = time.perf_counter()
+        device, dtype = resolve_device()
+        log(f"setup: device {device}, dtype {str(dtype).removeprefix('torch.')}")
+        with timed("checkpoint"):
+            checkpoint = resolve_checkpoint()
+        with timed("load"):
+            try:
+                self.engine = Engine.from_pretrained(checkpoint, device=device, dtype=dtype, log=log)
+            except CheckpointError as e:
+                raise CheckpointError(
+                    f"{e}\nThe checkpoint in {checkpoint} cannot be loaded. Point {WEIGHTS_ENV} at a "
+                    f"complete DeepSeek-VL2-small checkpoint, or empty that directory so that setup "
+                    f"downloads {REPO_ID} into it."
+                ) from e
+        with timed("warm-up"):
+            self.engine.warmup()
+        log(f"setup: ready in {time.perf_counter() - started:.1f}s")
+
+    @streaming
+    def run(
+        self,
+        image: Path = Input(description="Input image", accept="image/*"),
+        prompt: str = Input(
+            description="Text prompt. Refer to the images with <image> tags, in order (image, image2, "
+            "...); without tags, the images come before the text."
+        ),
+        top_p: float = Input(
+            description="Nucleus sampling: sample from the most probable tokens whose probabilities "
+            "add up to top_p",
+            default=0.9,
+            ge=0.0,
+            le=1.0,
+        ),
+        temperature: float = Input(
+            description="Sampling temperature; 0 means greedy decoding", default=0.1, ge=0.0, le=1.0
+        ),
+        max_length_tokens: int = Input(
+            description="Maximum number of new tokens to generate (prompt and answer together fit "
+            "in 4096 tokens)",
+            default=2048,
+            ge=1,
+            le=4096,
+        ),
+        repetition_penalty: float = Input(
+            description="Penalty for tokens already in the text (1 = none); not used when "
+            "temperature is 0",
+            default=1.1,
+            ge=0.01,
+            le=2.0,
+        ),
+        seed: int | None = Input(
+            description="Random seed for reproducible sampling; leave empty for a random one",
+            default=None,
+            ge=0,
+            le=2**32 - 1,
+        ),
+        top_k: int = Input(
+            description="Sample from the top_k most probable tokens only; 0 means no limit",
+            default=50,
+            ge=0,
+        ),
+        image2: Path | None = Input(description="Optional second image", default=None, accept="image/*"),
+        image3: Path | None = Input(description="Optional third image", default=None, accept="image/*"),
+        image4: Path | None = Input(description="Optional fourth image", default=None, accept="image/*"),
+    ) -> ConcatenateIterator[str]:
+        """Answer a prompt about one or more images, streaming the text as it is generated."""
+        args = checked_inputs(
+            Runner.run,
+            dict(image=image, prompt=prompt, top_p=top_p, temperature=temperature,
+                 max_length_tokens=max_length_tokens, repetition_penalty=repetition_penalty,
+                 seed=seed, top_k=top_k, image2=image2, image3=image3, image4=image4),
+        )
+        paths = [args["image"], *(args[name] for name in EXTRA_IMAGES if args[name] is not None)]
+        images = [load_image(p) for p in paths]
+        if args["seed"] is None and args["temperature"] > 0:
+            args["seed"] = secrets.randbelow(2**32)
+            log(f"seed: {args['seed']}")
+        params = SamplingParams(
+            temperature=args["temperature"],
+            top_p=args["top_p"],
+            top_k=args["top_k"],
+            repetition_penalty=args["repetition_penalty"],
+            seed=args["seed"],
+        )
+        request = self.engine.prepare(args["prompt"], images, params, args["max_length_tokens"])
+        self.record_metric("input_token_count", request.stats.prompt_tokens)
+        cancel = threading.Event()
+        try:
+            yield from self.engine.stream(request, cancel=cancel)
+        finally:
+            cancel.set()  # a cancelled or failed prediction stops the engine too
+            self.record_stats(request.stats)
+
+    def record_stats(self, stats) -> None:
+        """Token counts and speed as prediction metrics (names as Replicate's language models use)."""
+        self.record_metric("input_token_count", stats.prompt_tokens)
+        self.record_metric("output_token_count", stats.output_tokens)
+        if stats.time_to_first_token_s is not None:
+            self.record_metric("time_to_first_token", float(stats.time_to_first_token_s))
+        if stats.tokens_per_second is not None:
+            self.record_metric("tokens_per_second", float(stats.tokens_per_second))
+
+
+def checked_inputs(method, values: dict) -> dict:
+    """Validate `values` against `method`'s annotations and Input() ranges; raise InputError.
+
+    The HTTP server checks the same ranges against the OpenAPI schema, but a direct Python call
+    checks nothing and gets the Input() objects themselves as defaults: those become their values.
+    """
+    checked = {}
+    for name, param in inspect.signature(method).parameters.items():
+        if name == "self":
+            continue
+        info = param.default if isinstance(param.default, FieldInfo) else FieldInfo()
+        value = values[name]
+        if isinstance(value, FieldInfo):
+            value = value.default
+        checked[name] = check_value(name, param.annotation, info, value)
+    return checked
+
+
+def check_value(name: str, annotation, info: FieldInfo, value):
+    optional = annotation in (int | None, float | None, str | None, Path | None)
+    if value is None:
+        if optional:
+            return None
+        raise InputError(f"{name} is required")
+    kind = annotation.__args__[0] if optional else annotation
+    if kind is Path:
+        if not isinstance(value, (str, os.PathLike)):
+            raise InputError(f"{name} must be a file path or URL, got {type(value).__name__}")
+        return value if isinstance(value, os.PathLike) else Path(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise InputError(f"{name} must be a string, got {type(value).__name__}")
+        return value
+    numeric = (int, float) if kind is float else (int,)
+    if isinstance(value, bool) or not isinstance(value, numeric):
+        raise InputError(f"{name} must be {'a number' if kind is float else 'an integer'}, got {value!r}")
+    if not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value!r}")
+    if (info.ge is not None and value < info.ge) or (info.le is not None and value > info.le):
+        raise InputError(f"{name} must be between {info.ge} and {info.le}, got {value!r}")
+    return kind(value)

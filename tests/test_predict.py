@@ -1,0 +1,180 @@
+"""The Cog adapter called from Python (no server): setup, input checks, metrics and the schema."""
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import predict
+from dsvl2.errors import CheckpointError, InputError
+
+ROOT = Path(__file__).resolve().parent.parent
+SHORT = {"max_length_tokens": 4, "temperature": 0}
+
+
+def load_make_schema():
+    spec = importlib.util.spec_from_file_location("make_schema", ROOT / "scripts" / "make_schema.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("images") / "picture.png"
+    Image.new("RGB", (96, 64), (200, 120, 40)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_checkpoint: Path) -> predict.Runner:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(predict.WEIGHTS_ENV, str(tiny_checkpoint))
+        mp.setenv(predict.DEVICE_ENV, "cpu")
+        r = predict.Runner()
+        r.setup()
+    return r
+
+
+def test_python_call_applies_input_defaults(runner: predict.Runner, image_path: Path) -> None:
+    """Arguments left out arrive as the Input() objects themselves; run() must use their defaults."""
+    out = "".join(runner.run(image=image_path, prompt="Describe this image.", max_length_tokens=3))
+    assert isinstance(out, str)
+
+
+def test_python_call_is_deterministic_when_greedy(runner: predict.Runner, image_path: Path) -> None:
+    first = "".join(runner.run(image=image_path, prompt="Describe this image.", **SHORT))
+    assert first == "".join(runner.run(image=str(image_path), prompt="Describe this image.", **SHORT))
+
+
+def test_same_seed_same_sample(runner: predict.Runner, image_path: Path) -> None:
+    sample = dict(image=image_path, prompt="Describe this image.", max_length_tokens=6, temperature=1.0,
+                  seed=7)
+    assert "".join(runner.run(**sample)) == "".join(runner.run(**sample))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("temperature", 1.5, "temperature must be between"),
+        ("temperature", float("nan"), "temperature must be a finite number"),
+        ("temperature", "0.5", "temperature must be a number"),
+        ("top_p", -0.1, "top_p must be between"),
+        ("top_p", None, "top_p is required"),
+        ("max_length_tokens", 0, "max_length_tokens must be between"),
+        ("max_length_tokens", 5000, "max_length_tokens must be between"),
+        ("max_length_tokens", 8.0, "max_length_tokens must be an integer"),
+        ("max_length_tokens", True, "max_length_tokens must be an integer"),
+        ("repetition_penalty", 0, "repetition_penalty must be between"),
+        ("repetition_penalty", 3, "repetition_penalty must be between"),
+        ("top_k", -1, "top_k must be between"),
+        ("seed", -5, "seed must be between"),
+        ("seed", 1.5, "seed must be an integer"),
+        ("prompt", None, "prompt is required"),
+        ("prompt", 42, "prompt must be a string"),
+        ("prompt", "   ", "prompt"),
+        ("image", None, "image is required"),
+        ("image", 3, "image must be a file path"),
+        ("image2", 3, "image2 must be a file path"),
+    ],
+)
+def test_python_call_refuses_bad_input(
+    runner: predict.Runner, image_path: Path, field: str, value, message: str
+) -> None:
+    inputs = {"image": image_path, "prompt": "Describe this image.", **SHORT, field: value}
+    with pytest.raises(InputError, match=message):
+        list(runner.run(**inputs))
+
+
+def test_bad_image_is_an_input_error(runner: predict.Runner, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(InputError, match="empty"):
+        list(runner.run(image=empty, prompt="Describe this image.", **SHORT))
+
+
+def test_closing_the_stream_stops_generation(runner: predict.Runner, image_path: Path) -> None:
+    """What coglet does on cancel: an exception inside the generator. The next call still works."""
+    stream = runner.run(image=image_path, prompt="Tell a long story.", max_length_tokens=4096, temperature=0)
+    next(stream)
+    stream.close()
+    assert "".join(runner.run(image=image_path, prompt="Describe this image.", **SHORT)) is not None
+
+
+def test_setup_without_gpu_says_what_to_do(monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Path) -> None:
+    monkeypatch.setenv(predict.WEIGHTS_ENV, str(tiny_checkpoint))
+    monkeypatch.delenv(predict.DEVICE_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="no CUDA GPU.*DSVL2_DEVICE=cpu"):
+        predict.Runner().setup()
+
+
+def test_setup_refuses_unknown_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(predict.DEVICE_ENV, "tpu")
+    with pytest.raises(RuntimeError, match="DSVL2_DEVICE='tpu' is not supported"):
+        predict.Runner().setup()
+
+
+def test_incomplete_checkpoint_fails_setup_with_advice(
+    monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    shard = sorted(broken.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    monkeypatch.setenv(predict.WEIGHTS_ENV, str(broken))
+    monkeypatch.setenv(predict.DEVICE_ENV, "cpu")
+    monkeypatch.setattr(predict, "ensure_checkpoint", lambda *a, **k: pytest.fail("unexpected download"))
+    with pytest.raises(CheckpointError, match="Point DSVL2_WEIGHTS at a complete"):
+        predict.Runner().setup()
+
+
+def test_missing_checkpoint_is_downloaded(
+    monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    calls = []
+
+    def fake_download(dest: Path, repo_id: str, log) -> Path:
+        calls.append((dest, repo_id))
+        log("download: (test) copying the tiny checkpoint")
+        shutil.copytree(tiny_checkpoint, dest)
+        return dest
+
+    target = tmp_path / "weights"
+    monkeypatch.setenv(predict.WEIGHTS_ENV, str(target))
+    monkeypatch.setenv(predict.DEVICE_ENV, "cpu")
+    monkeypatch.setattr(predict, "ensure_checkpoint", fake_download)
+    predict.Runner().setup()
+    assert calls == [(target, "deepseek-ai/deepseek-vl2-small")]
+
+
+def test_openapi_schema_file_is_current() -> None:
+    make_schema = load_make_schema()
+    committed = (ROOT / ".cog" / "openapi_schema.json").read_text()
+    assert make_schema.render(make_schema.build_schema()) == committed, "run: python scripts/make_schema.py"
+
+
+def test_inputs_match_the_published_replicate_model() -> None:
+    """Existing callers send these names and get these defaults; the extras are all optional."""
+    schema = json.loads((ROOT / ".cog" / "openapi_schema.json").read_text())
+    inputs = schema["components"]["schemas"]["Input"]
+    props = inputs["properties"]
+    assert inputs["required"] == ["image", "prompt"]
+    assert props["image"]["format"] == "uri" and props["prompt"]["type"] == "string"
+    expected = {
+        "top_p": (0.9, 0, 1),
+        "temperature": (0.1, 0, 1),
+        "max_length_tokens": (2048, 1, 4096),
+        "repetition_penalty": (1.1, 0.01, 2),
+    }
+    for name, (default, minimum, maximum) in expected.items():
+        prop = props[name]
+        assert (prop["default"], prop["minimum"], prop["maximum"]) == (default, minimum, maximum), name
+    assert props["max_length_tokens"]["type"] == "integer"
+    assert props["top_k"]["default"] == 50
+    assert schema["paths"]["/predictions"]["post"]["x-cog-streaming"] is True
+    assert schema["components"]["schemas"]["Output"]["x-cog-array-display"] == "concatenate"
