@@ -20,9 +20,7 @@ from dsvl2.processor import Processor, image_token_count, select_best_resolution
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 CHECKPOINT = GOLDEN / "checkpoint"
 CASES = json.loads((GOLDEN / "golden.json").read_text())["cases"]
-CANDIDATES = [
-    tuple(r) for r in json.loads((CHECKPOINT / "processor_config.json").read_text())["candidate_resolutions"]
-]
+CANDIDATES = [tuple(r) for r in json.loads((CHECKPOINT / "processor_config.json").read_text())["candidate_resolutions"]]
 
 # The golden pixels were made with Pillow 13, which resizes an image whose height shrinks a lot
 # vertically first (python-pillow/Pillow#9549); older Pillow goes horizontally first, and the

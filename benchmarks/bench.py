@@ -1,0 +1,152 @@
+"""End-to-end benchmark on random weights of the real shapes, fast path and plain path side by side.
+
+    python benchmarks/bench.py --workdir /tmp/dsvl2-bench --out results.json
+
+Builds (once) a full-size random checkpoint in the official layout on local disk, loads it the way
+the service does, captures the decode graph, then measures: load and setup time, time to first
+token for one 3x2-tiled image + short prompt, batch-1 decode tokens/s (greedy and sampled), peak
+GPU memory for a request that fills the 4096-token context, and the same prefill/decode on the
+plain path (eager, one expert at a time). It also checks that the fast path agrees with the plain
+path (greedy ids for 64 tokens, last-position logits). ``--preset demo --device cpu`` runs the same
+script on a tiny checkpoint, as a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dsvl2.engine import Engine, set_moe_impl  # noqa: E402
+from dsvl2.sampling import SamplingParams  # noqa: E402
+from dsvl2.tiny import build_random_checkpoint  # noqa: E402
+
+GREEDY = SamplingParams(temperature=0.0, top_p=1.0, top_k=50, repetition_penalty=1.0, seed=0)
+DEFAULT = SamplingParams(temperature=0.1, top_p=0.9, top_k=50, repetition_penalty=1.1, seed=0)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(engine: Engine, prompt: str, images: list, params: SamplingParams, n: int) -> tuple[object, float]:
+    t0 = time.perf_counter()
+    req = engine.prepare(prompt, images, params, n)
+    t_prep = time.perf_counter() - t0
+    for _ in engine.stream(req):
+        pass
+    return req, t_prep
+
+
+def host_peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # ru_maxrss is in KiB on Linux
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", default="/tmp/dsvl2-bench")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", default="bench.json")
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    args = ap.parse_args()
+    dev = args.device
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    res: dict = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "python": platform.python_version()}
+    if dev == "cuda":
+        import triton
+
+        res.update(device=torch.cuda.get_device_name(), triton=triton.__version__)
+    ckpt = Path(args.workdir) / f"ckpt-{args.preset}"
+    if not (ckpt / "config.json").exists():
+        t0 = time.perf_counter()
+        build_random_checkpoint(ckpt, args.preset, std=0.02, n_shards=4, device=dev)
+        res["write_checkpoint_s"] = round(time.perf_counter() - t0, 1)
+        print(f"wrote checkpoint in {res['write_checkpoint_s']} s", flush=True)
+    res["checkpoint_gb"] = round(sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) / 1e9, 2)
+
+    t0 = time.perf_counter()
+    engine = Engine.from_pretrained(ckpt, dev, dtype, log=lambda s: print(s, flush=True))
+    sync(dev)
+    res["load_s"] = round(time.perf_counter() - t0, 1)
+    res["params_b"] = round(sum(p.numel() for p in engine.model.parameters()) / 1e9, 3)
+    res["host_peak_after_load_gb"] = round(host_peak_gb(), 1)
+    if dev == "cuda":
+        res["gpu_after_load_gb"] = round(torch.cuda.memory_allocated() / 1e9, 2)
+    t1 = time.perf_counter()
+    engine.warmup()
+    sync(dev)
+    res["warmup_s"] = round(time.perf_counter() - t1, 1)
+    res["setup_s"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(res), flush=True)
+
+    image = Image.radial_gradient("L").resize((800, 600)).convert("RGB")  # tiles 3x2: 1415 image tokens
+    prompt = "<image>\nDescribe this image."
+    ttfts, preps = [], []
+    for _ in range(5):
+        req, t_prep = run(engine, prompt, [image], GREEDY, 1)
+        ttfts.append(req.stats.time_to_first_token_s)
+        preps.append(t_prep)
+    res["prompt_tokens"] = req.stats.prompt_tokens
+    res["ttft_ms"] = round(1e3 * statistics.median(ttfts), 1)
+    res["preprocess_ms"] = round(1e3 * statistics.median(preps), 1)
+    for name, params in (("greedy", GREEDY), ("sampled", DEFAULT)):
+        rates = [run(engine, prompt, [image], params, args.decode_tokens)[0].stats.tokens_per_second
+                 for _ in range(3)]
+        res[f"decode_tok_s_{name}"] = round(statistics.median(rates), 1)
+    print(json.dumps(res), flush=True)
+
+    # Fast path against the plain path: same request, greedy.
+    fast, _ = run(engine, prompt, [image], GREEDY, 64)
+    with torch.inference_mode():
+        enc = fast.encoded
+        emb = engine.model.embed(enc.input_ids, enc.image_mask, enc.pixel_values, enc.spatial_crops)
+        cache = engine.model.language.new_cache(1)
+        fast_logits = engine.model.language.logits(engine.model.language.prefill(emb[None], cache)[:, -1])
+        set_moe_impl("loop")
+        plain_logits = engine.model.language.logits(engine.model.language.prefill(emb[None], cache)[:, -1])
+    graph, engine.graph = engine.graph, None
+    plain, _ = run(engine, prompt, [image], GREEDY, 64)
+    n_same = next((i for i, (a, b) in enumerate(zip(fast.output_ids, plain.output_ids)) if a != b),
+                  min(len(fast.output_ids), len(plain.output_ids)))
+    res["fast_vs_plain_greedy_ids_equal_prefix"] = n_same
+    res["fast_vs_plain_greedy_ids_compared"] = min(len(fast.output_ids), len(plain.output_ids))
+    res["fast_vs_plain_logits_max_abs"] = float((fast_logits - plain_logits).abs().max())
+    res["logits_abs_max"] = float(plain_logits.abs().max())
+    ttfts = [run(engine, prompt, [image], GREEDY, 1)[0].stats.time_to_first_token_s for _ in range(2)]
+    res["plain_ttft_ms"] = round(1e3 * min(ttfts), 1)
+    res["plain_decode_tok_s"] = round(run(engine, prompt, [image], GREEDY, 16)[0].stats.tokens_per_second, 1)
+    set_moe_impl("grouped")
+    engine.graph = graph
+    print(json.dumps(res), flush=True)
+
+    # A request that fills the context: a 3x3 image (2017 tokens) + long text, decoded to 4096.
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    big = Image.radial_gradient("L").resize((1152, 1152)).convert("RGB")
+    long_prompt = "<image>\n" + "Describe every detail of the picture please. " * 40
+    req = engine.prepare(long_prompt, [big], GREEDY, 4096)
+    for _ in engine.stream(req):
+        pass
+    res["full_context_tokens"] = req.stats.prompt_tokens + req.stats.output_tokens
+    res["full_context_prompt_tokens"] = req.stats.prompt_tokens
+    if dev == "cuda":
+        res["gpu_peak_full_context_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    res["host_peak_gb"] = round(host_peak_gb(), 1)
+    print(json.dumps(res), flush=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
