@@ -118,7 +118,7 @@ def main() -> None:
         plain_logits = engine.model.language.logits(engine.model.language.prefill(emb[None], cache)[:, -1])
     graph, engine.graph = engine.graph, None
     plain, _ = run(engine, prompt, [image], GREEDY, 64)
-    n_same = next((i for i, (a, b) in enumerate(zip(fast.output_ids, plain.output_ids)) if a != b),
+    n_same = next((i for i, (a, b) in enumerate(zip(fast.output_ids, plain.output_ids, strict=False)) if a != b),
                   min(len(fast.output_ids), len(plain.output_ids)))
     res["fast_vs_plain_greedy_ids_equal_prefix"] = n_same
     res["fast_vs_plain_greedy_ids_compared"] = min(len(fast.output_ids), len(plain.output_ids))

@@ -118,7 +118,8 @@ class ModelConfig:
             )
         if language.routed_scaling_factor != 1.0:
             raise CheckpointError(
-                f"{source}: language_config.routed_scaling_factor={language.routed_scaling_factor} is not supported (1.0)"
+                f"{source}: language_config.routed_scaling_factor={language.routed_scaling_factor} "
+                "is not supported (only 1.0)"
             )
         resolutions = tuple(tuple(r) for r in raw.get("candidate_resolutions", ()))
         if not resolutions:

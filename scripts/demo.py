@@ -128,7 +128,8 @@ def stream_prediction(url: str, inputs: dict) -> dict:
     with requests.post(f"{url}/predictions", json={"input": inputs}, stream=True, timeout=3600,
                        headers={"Accept": "text/event-stream"}) as response:
         response.raise_for_status()
-        for line in response.iter_lines(decode_unicode=True):
+        for raw in response.iter_lines():
+            line = raw.decode("utf-8")  # SSE is always UTF-8
             if line.startswith("event:"):
                 event = line.removeprefix("event:").strip()
             elif line.startswith("data:"):

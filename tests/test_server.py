@@ -239,7 +239,8 @@ def webhooks():
 def sse_events(response: requests.Response) -> list[tuple[str, dict]]:
     """(event, data) pairs of a text/event-stream response."""
     events, kind, data = [], None, []
-    for line in response.iter_lines(decode_unicode=True):
+    for raw in response.iter_lines():
+        line = raw.decode("utf-8")  # SSE is UTF-8 by definition; requests would guess Latin-1
         if line.startswith("event:"):
             kind = line.removeprefix("event:").strip()
         elif line.startswith("data:"):
