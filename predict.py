@@ -24,7 +24,7 @@ from cog import BaseRunner, ConcatenateIterator, Input, Path, streaming
 from cog.input import FieldInfo
 
 from dsvl2.download import ensure_checkpoint
-from dsvl2.engine import Engine
+from dsvl2.engine import Engine, GenerationStats
 from dsvl2.errors import CheckpointError, InputError
 from dsvl2.images import load_image
 from dsvl2.sampling import SamplingParams
@@ -145,12 +145,7 @@ class Runner(BaseRunner):
         image4: Path | None = Input(description="Optional fourth image", default=None, accept="image/*"),
     ) -> ConcatenateIterator[str]:
         """Answer a prompt about one or more images, streaming the text as it is generated."""
-        args = checked_inputs(
-            Runner.run,
-            dict(image=image, prompt=prompt, top_p=top_p, temperature=temperature,
-                 max_length_tokens=max_length_tokens, repetition_penalty=repetition_penalty,
-                 seed=seed, top_k=top_k, image2=image2, image3=image3, image4=image4),
-        )
+        args = checked_inputs(Runner.run, locals())  # first statement: locals() holds just the inputs
         paths = [args["image"], *(args[name] for name in EXTRA_IMAGES if args[name] is not None)]
         images = [load_image(p) for p in paths]
         if args["seed"] is None and args["temperature"] > 0:
@@ -169,17 +164,16 @@ class Runner(BaseRunner):
         try:
             yield from self.engine.stream(request, cancel=cancel)
         finally:
-            cancel.set()  # a cancelled or failed prediction stops the engine too
+            cancel.set()  # however this ends (done, cancelled, client gone, error), the engine stops
             self.record_stats(request.stats)
 
-    def record_stats(self, stats) -> None:
-        """Token counts and speed as prediction metrics (names as Replicate's language models use)."""
-        self.record_metric("input_token_count", stats.prompt_tokens)
+    def record_stats(self, stats: GenerationStats) -> None:
+        """Output size and speed as prediction metrics (names as Replicate's language models use)."""
         self.record_metric("output_token_count", stats.output_tokens)
-        if stats.time_to_first_token_s is not None:
-            self.record_metric("time_to_first_token", float(stats.time_to_first_token_s))
-        if stats.tokens_per_second is not None:
-            self.record_metric("tokens_per_second", float(stats.tokens_per_second))
+        if stats.time_to_first_token_s > 0:
+            self.record_metric("time_to_first_token", stats.time_to_first_token_s)
+        if stats.tokens_per_second > 0:  # needs two tokens
+            self.record_metric("tokens_per_second", stats.tokens_per_second)
 
 
 def checked_inputs(method, values: dict) -> dict:

@@ -133,14 +133,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(index) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, cache: torch.Tensor,
-                pos: torch.Tensor | int) -> torch.Tensor:
-        h = self.input_layernorm(x)
-        if isinstance(pos, int):
-            h = self.self_attn.prefill(h, cos_sin, cache, pos)
-        else:
-            h = self.self_attn.decode(h, cos_sin, cache, pos)
-        x = x + h
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, cache: torch.Tensor, start: int) -> torch.Tensor:
+        """Prefill: x [B, T, D] at positions start..start+T-1."""
+        x = x + self.self_attn.prefill(self.input_layernorm(x), cos_sin, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def decode(self, x: torch.Tensor, cos_sin: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One token per row: x [B, 1, D], pos [B]. Kept separate so it can be compiled on its own."""
+        x = x + self.self_attn.decode(self.input_layernorm(x), cos_sin, cache, pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -198,5 +198,5 @@ class LanguageModel(nn.Module):
         x = self.model.embed_tokens(tokens)[:, None]  # [B, 1, D]
         cos_sin = self.rope[pos][:, None]  # [B, 1, 2, rope]
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos_sin, cache[i], pos)
+            x = layer.decode(x, cos_sin, cache[i], pos)
         return self.logits(x[:, 0])

@@ -153,12 +153,13 @@ def main() -> int:
                         help="on a GPU machine without a checkpoint, download the official one (~32 GB)")
     args = parser.parse_args()
     ensure_venv()
+    sys.path.insert(0, str(ROOT))  # the dsvl2 package
 
     import base64
     import json
     import mimetypes
 
-    checkpoint, device, _ = choose_model(args.download)
+    checkpoint, device, is_demo = choose_model(args.download)
     with tempfile.TemporaryDirectory() as tmp:
         image = args.image or sample_image(Path(tmp))
         process, url = start_server(checkpoint, device, Path(tmp) / "server.log")
@@ -178,6 +179,8 @@ def main() -> int:
             if final.get("error"):
                 print(f"error: {final['error']}")
             print(f"metrics: {json.dumps(final.get('metrics', {}), indent=2)}")
+            if is_demo:
+                print("demo: (that text came from the RANDOM-weight demonstration checkpoint, not the real model)")
             return 0 if final.get("status") == "succeeded" else 1
         finally:
             process.terminate()

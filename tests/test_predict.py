@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def image_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def runner(tiny_checkpoint: Path) -> predict.Runner:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(predict.WEIGHTS_ENV, str(tiny_checkpoint))
-        mp.setenv(predict.DEVICE_ENV, "cpu")
+        mp.setenv(predict.DEVICE_ENV, os.environ.get(predict.DEVICE_ENV, "cpu"))
         r = predict.Runner()
         r.setup()
     return r

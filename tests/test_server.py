@@ -121,7 +121,7 @@ class Server:
             COG_PREDICT_TYPE_STUB="predict.py:Runner",
             PORT=str(self.port),
             DSVL2_WEIGHTS=str(checkpoint),
-            DSVL2_DEVICE="cpu",
+            DSVL2_DEVICE=os.environ.get("DSVL2_DEVICE", "cpu"),  # DSVL2_DEVICE=cuda: the same tests on a GPU
             PYTHONUNBUFFERED="1",
         )
         self.log_path = log_path
