@@ -9,6 +9,7 @@ import io
 import json
 import os
 import queue
+import shutil
 import socket
 import struct
 import subprocess
@@ -261,6 +262,24 @@ def text(prediction: dict) -> str:
 
 def test_health_goes_from_starting_to_ready(server: Server) -> None:
     assert server.statuses == ["STARTING", "READY"], server.log_tail()
+    setup_logs = server.health()["setup"]["logs"]
+    for phase in ("checkpoint", "load", "warm-up"):  # each phase of setup is logged with its time
+        assert f"setup: {phase} done in" in setup_logs, setup_logs
+
+
+def test_setup_failure_is_reported_with_advice(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, broken)
+    missing = sorted(broken.glob("model-*.safetensors"))[0]
+    missing.unlink()
+    srv = Server(broken, tmp_path / "server.log")
+    try:
+        srv.wait_until_set_up()
+        health = srv.health()
+    finally:
+        srv.stop()
+    assert health["status"] == "SETUP_FAILED", health
+    assert missing.name in health["setup"]["logs"] and "Point DSVL2_WEIGHTS at" in health["setup"]["logs"]
 
 
 def test_openapi_schema_is_served(server: Server) -> None:

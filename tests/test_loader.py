@@ -1,0 +1,156 @@
+"""The checkpoint loader's strictness: every failure names the file and the key."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dsvl2.config import ModelConfig
+from dsvl2.errors import CheckpointError
+from dsvl2.loader import load_model
+from dsvl2.tiny import build_random_checkpoint, preset_config
+
+GOLDEN_CKPT = Path(__file__).parent / "fixtures" / "golden" / "checkpoint"
+
+
+@pytest.fixture()
+def ckpt(tmp_path: Path) -> Path:
+    dst = tmp_path / "ckpt"
+    shutil.copytree(GOLDEN_CKPT, dst)
+    return dst
+
+
+def _index(ckpt: Path) -> dict:
+    return json.loads((ckpt / "model.safetensors.index.json").read_text())
+
+
+def _rewrite_shard(ckpt: Path, key: str, edit) -> Path:
+    """Apply ``edit(tensors)`` to the shard that holds ``key``."""
+    shard = ckpt / _index(ckpt)["weight_map"][key]
+    tensors = load_file(shard)
+    edit(tensors)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    return shard
+
+
+def test_golden_checkpoint_loads_every_parameter_once(ckpt: Path) -> None:
+    model = load_model(ckpt, "cpu", torch.bfloat16)
+    n_ckpt = sum(t.numel() for f in ckpt.glob("*.safetensors") for k, t in load_file(f).items()
+                 if not k.startswith("vision.attn_pool."))
+    assert sum(p.numel() for p in model.parameters()) == n_ckpt
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in model.parameters())
+    assert not any(n.startswith("vision.attn_pool") for n, _ in model.named_parameters())
+    # The stacked experts hold the checkpoint's matrices: expert 5 of layer 1, gate then up rows.
+    shard = load_file(ckpt / _index(ckpt)["weight_map"]["language.model.layers.1.mlp.experts.5.up_proj.weight"])
+    up = shard["language.model.layers.1.mlp.experts.5.up_proj.weight"]
+    w13 = model.language.model.layers[1].mlp.experts.w13[5]
+    assert torch.equal(w13[up.shape[0]:], up)
+
+
+def test_missing_shard(ckpt: Path) -> None:
+    (ckpt / "model-00002-of-000003.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model-00002-of-000003.safetensors"):
+        load_model(ckpt)
+
+
+def test_truncated_shard(ckpt: Path) -> None:
+    shard = ckpt / "model-00003-of-000003.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match=r"model-00003-of-000003.safetensors: truncated: tensor \S+ ends"):
+        load_model(ckpt)
+
+
+def test_corrupt_header(ckpt: Path) -> None:
+    shard = ckpt / "model-00001-of-000003.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[8:20] = b"\xff" * 12
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model-00001-of-000003.safetensors: corrupt safetensors header"):
+        load_model(ckpt)
+
+
+def test_unknown_key(ckpt: Path) -> None:
+    key = "language.model.norm.weight"
+
+    def add(t: dict) -> None:
+        t["language.model.extra_head.weight"] = torch.zeros(3)
+
+    _rewrite_shard(ckpt, key, add)
+    index = _index(ckpt)
+    index["weight_map"]["language.model.extra_head.weight"] = index["weight_map"][key]
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="unknown tensor language.model.extra_head.weight"):
+        load_model(ckpt)
+
+
+def test_wrong_shape(ckpt: Path) -> None:
+    key = "language.model.layers.2.self_attn.o_proj.weight"
+
+    def shrink(t: dict) -> None:
+        t[key] = t[key][:, :-1].contiguous()
+
+    shard = _rewrite_shard(ckpt, key, shrink)
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: tensor {key} has shape \[64, 63\], the config expects"):
+        load_model(ckpt)
+
+
+def test_missing_key_and_missing_expert(ckpt: Path) -> None:
+    for key in ("vision.blocks.1.mlp.fc2.bias", "language.model.layers.2.mlp.experts.7.down_proj.weight"):
+        fresh = ckpt.parent / f"c-{key}"
+        shutil.copytree(ckpt, fresh)
+        _rewrite_shard(fresh, key, lambda t, k=key: t.pop(k))
+        index = _index(fresh)
+        del index["weight_map"][key]
+        (fresh / "model.safetensors.index.json").write_text(json.dumps(index))
+        with pytest.raises(CheckpointError, match=rf"not in the checkpoint, e.g. \['{key}'\]"):
+            load_model(fresh)
+
+
+def test_index_lists_a_key_the_shard_lacks(ckpt: Path) -> None:
+    key = "image_newline"
+    shard = _rewrite_shard(ckpt, key, lambda t: t.pop(key))
+    with pytest.raises(CheckpointError, match=f"{shard.name}: the index lists tensor {key}"):
+        load_model(ckpt)
+
+
+@pytest.mark.parametrize("section,field,value", [
+    ("language_config", "q_lora_rank", 1536),
+    ("language_config", "use_mla", False),
+    ("language_config", "topk_method", "noaux_tc"),
+    ("language_config", "scoring_func", "sigmoid"),
+    ("language_config", "norm_topk_prob", True),
+    ("language_config", "rope_scaling", {"type": "yarn", "factor": 40}),
+    (None, "tile_tag", "1D"),
+    (None, "global_view_pos", "tail"),
+    ("projector_config", "projector_type", "mlp_gelu"),
+])
+def test_unsupported_variants_are_refused_by_name(section: str | None, field: str, value: object) -> None:
+    raw = preset_config("demo")
+    (raw[section] if section else raw)[field] = value
+    with pytest.raises(CheckpointError, match=r"unsupported (\w+\.)?" + re.escape(f"{field}={value!r}")):
+        ModelConfig.from_dict(raw)
+
+
+def test_real_config_is_accepted() -> None:
+    cfg = ModelConfig.from_dict(preset_config("small"))
+    assert (cfg.vision.mlp_dim, cfg.language.qk_head_dim, len(cfg.candidate_resolutions)) == (4304, 192, 23)
+
+
+def test_missing_config(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        load_model(tmp_path)
+
+
+def test_built_checkpoint_round_trips(tmp_path: Path) -> None:
+    ckpt = build_random_checkpoint(tmp_path / "demo", "demo", seed=1)
+    assert sorted(p.name for p in ckpt.glob("*.safetensors")) == [
+        f"model-0000{i}-of-000003.safetensors" for i in (1, 2, 3)]
+    model = load_model(ckpt, "cpu", torch.float32)
+    assert model.language.model.layers[1].mlp.experts.w13.shape == (8, 64, 64)
