@@ -47,6 +47,19 @@ def main() -> None:
         out = fn().float()
         rel = ((out - ref).norm() / ref.norm()).item()
         print(f"{name}: rel err vs loop {rel:.2e}; graph {graph_ms(fn) * 1e3:.1f} us per layer")
+    results = []
+    for bn in (8, 16, 32):
+        for bk in (128, 256, 512):
+            for nw in (2, 4, 8):
+                cfg = (bn, bk, nw)
+                t_gu = graph_ms(lambda c=cfg: kernels.routed_experts(x, w, ids, layer.experts.w13, layer.experts.w2,
+                                                                     gate_up_config=c, down_config=(16, 256, 4)))
+                t_dn = graph_ms(lambda c=cfg: kernels.routed_experts(x, w, ids, layer.experts.w13, layer.experts.w2,
+                                                                     gate_up_config=(16, 256, 4), down_config=c))
+                results.append((t_gu, t_dn, cfg))
+    print("best gate_up config:", min(results)[2], "best down config:", min(results, key=lambda r: r[1])[2])
+    print("sweep (us, gate_up varied / down varied):",
+          [(round(a * 1e3, 1), round(b * 1e3, 1), c) for a, b, c in results])
     engine.pos.fill_(1500)
     engine.temperature.fill_(0.1)
     engine.top_k.fill_(50)
@@ -69,11 +82,26 @@ def main() -> None:
           "us")
     print("shared expert:", round(graph_ms(lambda: layer.shared_experts(x)) * 1e3, 1), "us")
     print("route:", round(graph_ms(lambda: layer.route(x)) * 1e3, 1), "us")
+    engine.compile()
+    for mode in ("greedy", "top", "full"):
+        print(f"[compiled] full step, sampler {mode}: {graph_ms(lambda m=mode: engine._step_eager(m)):.3f} ms")
+    print(f"[compiled] model decode: {graph_ms(lambda: lm.decode(engine.tokens, engine.pos, engine.cache)):.3f} ms")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             engine._step_eager()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90))
+    from PIL import Image
+
+    from dsvl2.sampling import SamplingParams
+    req = engine.prepare("<image>\nDescribe.", [Image.new("RGB", (800, 600))], SamplingParams(temperature=0), 1)
+    list(engine.stream(req))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
+                                            torch.profiler.ProfilerActivity.CPU]) as prof:
+        list(engine.stream(req))
+        torch.cuda.synchronize()
+    print(f"prefill ttft {req.stats.time_to_first_token_s * 1e3:.1f} ms")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
 
 
 if __name__ == "__main__":

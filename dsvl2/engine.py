@@ -25,7 +25,16 @@ from .loader import load_model
 from .model import DeepseekVL2
 from .moe import MoE
 from .processor import Encoded, Processor
-from .sampling import RequestRng, SamplingParams, draw_noise, sample, seen_from_prompt, update_seen, validate_params
+from .sampling import (
+    RequestRng,
+    SamplingParams,
+    draw_noise,
+    sample,
+    sample_top_candidates,
+    seen_from_prompt,
+    update_seen,
+    validate_params,
+)
 
 
 @dataclass
@@ -47,6 +56,15 @@ class Request:
     stats: GenerationStats = field(default_factory=GenerationStats)
 
 
+TOP_CANDIDATES = 64
+
+
+def sampler_mode(params: SamplingParams) -> str:
+    if params.temperature <= 0:
+        return "greedy"
+    return "top" if 0 < params.top_k <= TOP_CANDIDATES else "full"
+
+
 class Engine:
     def __init__(self, model: DeepseekVL2, processor: Processor, log: Callable[[str], None] = print,
                  cuda_graphs: bool | None = None, compile: bool | None = None, max_batch: int = 1) -> None:
@@ -59,6 +77,7 @@ class Engine:
         self.eos_id = processor.eos_id
         self.use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.use_compile = self.device.type == "cuda" if compile is None else compile
+        self.compile_prefill = self.use_compile
         self.cache = model.language.new_cache(max_batch)  # [layers, B, S, 576]
         b, dev = max_batch, self.device
         # The decode step's static inputs and per-row sampling state.
@@ -70,7 +89,9 @@ class Engine:
         self.top_p = torch.ones(b, device=dev)
         self.top_k = torch.zeros(b, dtype=torch.int64, device=dev)
         self.penalty = torch.ones(b, device=dev)
-        self.graph: torch.cuda.CUDAGraph | None = None
+        # One captured step per sampler mode: "greedy" (argmax only), "top" (top-k <= TOP_CANDIDATES:
+        # sort that many candidates) and "full" (sort the whole vocabulary).
+        self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
@@ -108,6 +129,7 @@ class Engine:
         enc, p, row = req.encoded, req.params, 0
         rng = RequestRng(req.seed, self.device)
         sampling = p.temperature > 0
+        mode = sampler_mode(p)
         self.temperature[row], self.top_p[row], self.top_k[row], self.penalty[row] = (
             p.temperature, p.top_p, p.top_k, p.repetition_penalty)
         self.seen[row] = seen_from_prompt(enc.input_ids.to(self.device), self.vocab)
@@ -133,7 +155,7 @@ class Engine:
             if i + 1 < req.max_new_tokens:
                 if sampling:
                     rng.fill(self.noise[row])
-                self._step()
+                self._step(mode)
                 events.append(self._copy_token(host, (i + 1) % 2, row))
             if events[i] is not None:
                 events[i].synchronize()
@@ -171,19 +193,26 @@ class Engine:
         event.record()
         return event
 
-    def _step_eager(self) -> None:
+    def _step_eager(self, mode: str = "full") -> None:
         """One decode step for every row: model, sampler, bookkeeping; no host synchronisation."""
         logits = self.model.language.decode(self.tokens, self.pos, self.cache)
-        nxt = sample(logits, self.seen, self.temperature, self.top_p, self.top_k, self.penalty, self.noise)
+        if mode == "greedy":
+            nxt = logits.argmax(-1)
+        elif mode == "top":
+            nxt = sample_top_candidates(logits, self.seen, self.temperature, self.top_p, self.top_k, self.penalty,
+                                        self.noise, TOP_CANDIDATES)
+        else:
+            nxt = sample(logits, self.seen, self.temperature, self.top_p, self.top_k, self.penalty, self.noise)
         update_seen(self.seen, nxt)
         self.tokens.copy_(nxt)
         self.pos.add_(1)
 
-    def _step(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
+    def _step(self, mode: str) -> None:
+        graph = self.graphs.get(mode)
+        if graph is not None:
+            graph.replay()
         else:
-            self._step_eager()
+            self._step_eager(mode)
 
     def compile(self) -> None:
         """Compile each decoder layer's decode step (regional compilation: one layer's code serves all
@@ -194,24 +223,33 @@ class Engine:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for layer in self.model.language.model.layers:
             layer.decode = torch.compile(layer.decode, dynamic=False)
+            if self.compile_prefill:  # any prompt length: one graph with a symbolic length
+                layer.forward = torch.compile(layer.forward, dynamic=True)
+        if self.compile_prefill:
+            for block in self.model.vision.blocks:
+                block.forward = torch.compile(block.forward, dynamic=True)
 
     def capture(self) -> None:
-        """Capture the decode step in a CUDA graph (after a warm-up run on a side stream)."""
+        """Capture the decode step of each sampler mode in a CUDA graph (after warm-up runs on a side
+        stream). The graphs share one memory pool: only one of them runs at a time."""
         if not self.use_graphs:
             return
         saved = [t.clone() for t in (self.tokens, self.pos, self.seen)]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.inference_mode(), torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step_eager()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph):
-            self._step_eager()
+        pool = None
+        for mode in ("greedy", "top", "full"):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.inference_mode(), torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._step_eager(mode)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
+                self._step_eager(mode)
+            pool = graph.pool()
+            self.graphs[mode] = graph
         for t, s in zip((self.tokens, self.pos, self.seen), saved, strict=True):
             t.copy_(s)
-        self.graph = graph
 
     def warmup(self) -> None:
         """Capture the decode graph, then run one short real generation through the whole path."""
@@ -222,8 +260,9 @@ class Engine:
                 self.capture()
             except Exception as e:  # noqa: BLE001 - a compiler failure must not take the service down
                 self.log(f"compiled decode failed ({type(e).__name__}: {e}); falling back to the eager decode step")
-                for layer in self.model.language.model.layers:
-                    del layer.decode  # drop the compiled wrapper: back to the class method
+                for module in [*self.model.language.model.layers, *self.model.vision.blocks]:
+                    module.__dict__.pop("decode", None)  # drop the compiled wrappers: back to the methods
+                    module.__dict__.pop("forward", None)
                 self.capture()
             self.log(f"compiled and captured the decode step in {time.perf_counter() - t0:.1f} s")
         else:

@@ -69,8 +69,14 @@ if triton is not None:
         tl.store(y_ptr + pair * D + n, out, mask=mask_n)
 
 
+# Block sizes per kernel (BLOCK_N, BLOCK_K, num_warps), chosen by benchmarks/profile_decode.py on an H100.
+GATE_UP_CONFIG = (16, 256, 4)
+DOWN_CONFIG = (16, 256, 4)
+
+
 def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,
-                   w2: torch.Tensor) -> torch.Tensor:
+                   w2: torch.Tensor, gate_up_config: tuple[int, int, int] | None = None,
+                   down_config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """x [N, D] (bf16), weights/ids [N, k] -> [N, D]; w13 [E, 2I, D], w2 [E, D, I] contiguous."""
     n, k = ids.shape
     d = x.shape[1]
@@ -79,9 +85,10 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w1
     h = torch.empty(pairs, i, dtype=x.dtype, device=x.device)
     y = torch.empty(pairs, d, dtype=torch.float32, device=x.device)
     ids_flat = ids.reshape(-1).contiguous()
-    block_n, block_k = 16, 256
-    _gate_up_kernel[(pairs, triton.cdiv(i, block_n))](
-        x.contiguous(), w13, ids_flat, h, D=d, HID=i, K_TOP=k, BLOCK_N=block_n, BLOCK_K=block_k)
-    _down_kernel[(pairs, triton.cdiv(d, block_n))](
-        h, w2, ids_flat, weights.reshape(-1).contiguous(), y, D=d, HID=i, BLOCK_N=block_n, BLOCK_K=block_k)
+    bn, bk, nw = gate_up_config or GATE_UP_CONFIG
+    _gate_up_kernel[(pairs, triton.cdiv(i, bn))](
+        x.contiguous(), w13, ids_flat, h, D=d, HID=i, K_TOP=k, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
+    bn, bk, nw = down_config or DOWN_CONFIG
+    _down_kernel[(pairs, triton.cdiv(d, bn))](
+        h, w2, ids_flat, weights.reshape(-1).contiguous(), y, D=d, HID=i, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
     return y.view(n, k, d).sum(1).to(x.dtype)

@@ -178,3 +178,26 @@ def sample(
     drawn = (probs / noise.clamp_min(torch.finfo(torch.float32).tiny)).argmax(-1)
     # Greedy rows: argmax of the raw logits, no penalty, no noise.
     return torch.where(temperature <= 0, logits.float().argmax(-1), drawn)
+
+
+def sample_top_candidates(
+    logits: Tensor,
+    seen: Tensor,
+    temperature: Tensor,
+    top_p: Tensor,
+    top_k: Tensor,
+    penalty: Tensor,
+    noise: Tensor,
+    k_max: int,
+) -> Tensor:
+    """``sample`` restricted to each row's ``k_max`` best penalised logits: a sort of k_max values
+    instead of the whole vocabulary. Exact whenever every sampling row has 0 < top_k <= k_max (top-k
+    drops everything outside them, and top-p only sees what top-k kept). noise f32 [B, >= k_max].
+    """
+    logits = logits.float()
+    greedy = temperature <= 0
+    safe_t = torch.where(greedy, torch.ones_like(temperature), temperature)
+    values, index = apply_repetition_penalty(logits, seen, penalty).topk(k_max, dim=-1)  # [B, k_max]
+    probs = filter_logits(values, safe_t, top_p, top_k).softmax(-1)
+    drawn = index.gather(-1, (probs / noise[:, :k_max].clamp_min(torch.finfo(torch.float32).tiny)).argmax(-1, True))
+    return torch.where(greedy, logits.argmax(-1), drawn[:, 0])

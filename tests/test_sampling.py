@@ -247,3 +247,25 @@ def test_validate_refuses(field: str, value):
 )
 def test_validate_accepts(p: SamplingParams):
     validate_params(p)
+
+
+def test_top_candidates_sampler_draws_from_the_same_distribution() -> None:
+    """The decode fast path (sort only the 64 best) samples what the full-vocabulary rule defines."""
+    from dsvl2.sampling import probabilities, sample_top_candidates
+
+    gen = torch.Generator().manual_seed(5)
+    vocab, draws = 300, 40_000
+    base = torch.randn(1, vocab, generator=gen) * 2.0
+    seen = torch.zeros(1, vocab, dtype=torch.bool)
+    seen[0, base.topk(3).indices[0]] = True  # the penalty reorders the top of the distribution
+    params = [torch.tensor([0.8]), torch.tensor([0.9]), torch.tensor([40]), torch.tensor([1.3])]
+    expected = probabilities(base, seen, *params)[0]
+    logits = base.expand(draws, vocab)
+    noise = torch.empty(draws, vocab).exponential_(generator=gen)
+    rows = [p.expand(draws) for p in params]
+    tokens = sample_top_candidates(logits, seen.expand(draws, vocab), rows[0], rows[1], rows[2], rows[3], noise, 64)
+    empirical = torch.bincount(tokens, minlength=vocab).double() / draws
+    assert (empirical - expected.double()).abs().max().item() < 0.01
+    assert set(tokens.unique().tolist()) <= set(expected.nonzero().flatten().tolist())
+    greedy = sample_top_candidates(base, seen, torch.zeros(1), *params[1:], noise[:1], 64)
+    assert greedy.item() == base.argmax().item()
