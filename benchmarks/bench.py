@@ -27,6 +27,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dsvl2 import kernels  # noqa: E402
 from dsvl2.engine import Engine, set_moe_impl  # noqa: E402
 from dsvl2.sampling import SamplingParams  # noqa: E402
 from dsvl2.tiny import build_random_checkpoint  # noqa: E402
@@ -47,6 +48,39 @@ def run(engine: Engine, prompt: str, images: list, params: SamplingParams, n: in
     for _ in engine.stream(req):
         pass
     return req, t_prep
+
+
+def plain_path(engine: Engine):
+    """Switch the engine to the plain path; returns a function that switches back."""
+    compiled = {}
+    for module in [*engine.model.language.model.layers, *engine.model.vision.blocks]:
+        compiled[module] = {k: module.__dict__.pop(k) for k in ("decode", "forward") if k in module.__dict__}
+    graphs, engine.graphs = engine.graphs, {}
+    saved_triton, kernels.triton = kernels.triton, None
+    set_moe_impl("loop")
+
+    def restore() -> None:
+        set_moe_impl("grouped")
+        kernels.triton = saved_triton
+        engine.graphs = graphs
+        for module, attrs in compiled.items():
+            module.__dict__.update(attrs)
+
+    return restore
+
+
+def kernel_checks() -> dict:
+    """Relative error of the Triton kernels against torch on fresh random inputs (bf16 operands)."""
+    out = {}
+    for rows, n, k in ((1, 3072, 2048), (3, 2048, 2816), (1, 102400, 2048), (2, 2048, 10944)):
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+        u = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+        ref = torch.nn.functional.linear(x.float(), w.float())
+        out[f"gemv_{rows}x{n}x{k}"] = float((kernels.gemv(x, w).float() - ref).norm() / ref.norm())
+        ref = torch.nn.functional.silu(ref) * torch.nn.functional.linear(x.float(), u.float())
+        out[f"swiglu_{rows}x{n}x{k}"] = float((kernels.gemv(x, w, u).float() - ref).norm() / ref.norm())
+    return out
 
 
 def host_peak_gb() -> float:
@@ -107,16 +141,17 @@ def main() -> None:
         res[f"decode_tok_s_{name}"] = round(statistics.median(rates), 1)
     print(json.dumps(res), flush=True)
 
-    # Fast path against the plain path: same request, greedy.
+    if dev == "cuda":
+        res["kernel_rel_err"] = kernel_checks()
+    # Fast path against the plain path (eager, cuBLAS, one expert at a time): same request, greedy.
     fast, _ = run(engine, prompt, [image], GREEDY, 64)
     with torch.inference_mode():
         enc = fast.encoded
         emb = engine.model.embed(enc.input_ids, enc.image_mask, enc.pixel_values, enc.spatial_crops)
         cache = engine.model.language.new_cache(1)
         fast_logits = engine.model.language.logits(engine.model.language.prefill(emb[None], cache)[:, -1])
-        set_moe_impl("loop")
+        restore = plain_path(engine)
         plain_logits = engine.model.language.logits(engine.model.language.prefill(emb[None], cache)[:, -1])
-    graphs, engine.graphs = engine.graphs, {}
     plain, _ = run(engine, prompt, [image], GREEDY, 64)
     n_same = next((i for i, (a, b) in enumerate(zip(fast.output_ids, plain.output_ids, strict=False)) if a != b),
                   min(len(fast.output_ids), len(plain.output_ids)))
@@ -127,8 +162,7 @@ def main() -> None:
     ttfts = [run(engine, prompt, [image], GREEDY, 1)[0].stats.time_to_first_token_s for _ in range(2)]
     res["plain_ttft_ms"] = round(1e3 * min(ttfts), 1)
     res["plain_decode_tok_s"] = round(run(engine, prompt, [image], GREEDY, 16)[0].stats.tokens_per_second, 1)
-    set_moe_impl("grouped")
-    engine.graphs = graphs
+    restore()
     print(json.dumps(res), flush=True)
 
     # A request that fills the context: a 3x3 image (2017 tokens) + long text, decoded to 4096.
