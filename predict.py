@@ -15,7 +15,8 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+import typing
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path as LocalPath
 
@@ -176,7 +177,7 @@ class Runner(BaseRunner):
             self.record_metric("tokens_per_second", stats.tokens_per_second)
 
 
-def checked_inputs(method, values: dict) -> dict:
+def checked_inputs(method: Callable, values: dict) -> dict:
     """Validate `values` against `method`'s annotations and Input() ranges; raise InputError.
 
     The HTTP server checks the same ranges against the OpenAPI schema, but a direct Python call
@@ -194,16 +195,18 @@ def checked_inputs(method, values: dict) -> dict:
     return checked
 
 
-def check_value(name: str, annotation, info: FieldInfo, value):
-    optional = annotation in (int | None, float | None, str | None, Path | None)
+def check_value(name: str, annotation: object, info: FieldInfo, value: object) -> object:
+    """One input checked against its annotation (T or T | None) and its Input() range."""
+    members = typing.get_args(annotation)
+    optional = type(None) in members
+    kind = next(m for m in members if m is not type(None)) if optional else annotation
     if value is None:
         if optional:
             return None
         raise InputError(f"{name} is required")
-    kind = annotation.__args__[0] if optional else annotation
     if kind is Path:
         if not isinstance(value, (str, os.PathLike)):
-            raise InputError(f"{name} must be a file path or URL, got {type(value).__name__}")
+            raise InputError(f"{name} must be a file path, got {type(value).__name__}")
         return value if isinstance(value, os.PathLike) else Path(value)
     if kind is str:
         if not isinstance(value, str):

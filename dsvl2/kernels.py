@@ -72,62 +72,6 @@ if triton is not None:
 # Block sizes per kernel (BLOCK_N, BLOCK_K, num_warps), chosen by benchmarks/profile_decode.py on an H100.
 GATE_UP_CONFIG = (8, 512, 2)
 DOWN_CONFIG = (16, 128, 8)
-GEMV_CONFIG = (8, 512, 2)
-MAX_GEMV_ROWS = 4
-
-
-if triton is not None:
-
-    @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, u_ptr, y_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
-                     SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # y[m, n] = x[m] . w[n] for M <= 4 rows, each weight block read once for all rows.
-        # SWIGLU: y[m, n] = silu(bf16(x[m] . w[n])) * bf16(x[m] . u[n]), rounded like the plain MLP.
-        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = n < N
-        for m in tl.static_range(M):
-            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-            acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                k = k0 + tl.arange(0, BLOCK_K)
-                mask_k = k < K
-                xk = tl.load(x_ptr + m * K + k, mask=mask_k, other=0.0).to(tl.float32)
-                mask = mask_n[:, None] & mask_k[None, :]
-                w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=mask, other=0.0).to(tl.float32)
-                acc += tl.sum(w * xk[None, :], axis=1)
-                if SWIGLU:
-                    u = tl.load(u_ptr + n[:, None] * K + k[None, :], mask=mask, other=0.0).to(tl.float32)
-                    acc_u += tl.sum(u * xk[None, :], axis=1)
-            if SWIGLU:
-                g = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
-                act = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty).to(tl.float32)
-                acc = act * acc_u.to(y_ptr.dtype.element_ty).to(tl.float32)
-            tl.store(y_ptr + m * N + n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
-
-
-def gemv_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the matrix-vector kernel applies: CUDA, bf16, a few rows (decode)."""
-    return (available(x) and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
-            and x.numel() // x.shape[-1] <= MAX_GEMV_ROWS)
-
-
-def gemv(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] (a few rows) -> x @ weight.T [..., N]; with ``up``: silu(x @ weight.T) * (x @ up.T)."""
-    k = x.shape[-1]
-    rows = x.reshape(-1, k).contiguous()
-    n = weight.shape[0]
-    y = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
-    bn, bk, nw = GEMV_CONFIG
-    _gemv_kernel[(triton.cdiv(n, bn),)](rows, weight, weight if up is None else up, y, M=rows.shape[0], N=n, K=k,
-                                        SWIGLU=up is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
-    return y.view(*x.shape[:-1], n)
-
-
-def linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
-    """A bias-free Linear: the matrix-vector kernel at decode time on CUDA, else torch's."""
-    if gemv_ok(x, layer.weight):
-        return gemv(x, layer.weight)
-    return layer(x)
 
 
 def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
 from .config import LanguageConfig
 from .moe import MLP, MoE
 
@@ -78,9 +77,9 @@ class Attention(nn.Module):
     def _project(self, x: torch.Tensor, cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, D] -> q_nope [B, T, H, nope], q_rope [B, T, H, rope], latent [B, T, rank + rope]"""
         b, t, _ = x.shape
-        q = kernels.linear(x, self.q_proj).view(b, t, self.h, self.nope + self.rope)
+        q = self.q_proj(x).view(b, t, self.h, self.nope + self.rope)
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
-        c, k_rope = kernels.linear(x, self.kv_a_proj_with_mqa).split([self.rank, self.rope], dim=-1)
+        c, k_rope = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
         latent = torch.cat([self.kv_a_layernorm(c), apply_rope(k_rope, cos_sin)], dim=-1)
         return q_nope, apply_rope(q_rope, cos_sin), latent
 
@@ -123,7 +122,7 @@ class Attention(nn.Module):
         probs = scores.softmax(dim=-1).to(x.dtype)
         o_lat = torch.matmul(probs, cache[..., : self.rank])  # [B, H, rank]
         out = torch.einsum("bhr,hvr->bhv", o_lat, w_uv).reshape(b, 1, self.h * self.vdim)
-        return kernels.linear(out, self.o_proj)
+        return self.o_proj(out)
 
 
 class DecoderLayer(nn.Module):
@@ -181,7 +180,7 @@ class LanguageModel(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [..., D] -> float32 logits [..., V]"""
-        return kernels.linear(self.model.norm(h), self.lm_head).float()
+        return self.lm_head(self.model.norm(h)).float()
 
     def prefill(self, embeds: torch.Tensor, cache: torch.Tensor, start: int = 0) -> torch.Tensor:
         """embeds [B, T, D] at positions start..start+T-1 -> hidden states [B, T, D]; fills the cache."""
