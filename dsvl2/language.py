@@ -73,13 +73,26 @@ class Attention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.rank, cfg.rms_norm_eps)
         self.kv_b_proj = nn.Linear(self.rank, self.h * (self.nope + self.vdim), bias=False)
         self.o_proj = nn.Linear(self.h * self.vdim, d, bias=False)
+        # q_proj and kv_a_proj_with_mqa side by side, so both run as one matrix product (see fuse()).
+        self.register_buffer("q_kv_a", torch.empty(0), persistent=False)
+
+    def fuse(self) -> None:
+        """Stack q_proj and kv_a_proj_with_mqa into one matrix; the parameters become views into it,
+        so the names and values stay those of the checkpoint and no memory is added."""
+        self.q_kv_a = torch.cat([self.q_proj.weight, self.kv_a_proj_with_mqa.weight])
+        n = self.q_proj.weight.shape[0]
+        self.q_proj.weight = nn.Parameter(self.q_kv_a[:n], requires_grad=False)
+        self.kv_a_proj_with_mqa.weight = nn.Parameter(self.q_kv_a[n:], requires_grad=False)
 
     def _project(self, x: torch.Tensor, cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, D] -> q_nope [B, T, H, nope], q_rope [B, T, H, rope], latent [B, T, rank + rope]"""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.h, self.nope + self.rope)
-        q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
-        c, k_rope = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
+        if self.q_kv_a.numel():
+            q, kv = F.linear(x, self.q_kv_a).split([self.q_proj.weight.shape[0], self.rank + self.rope], dim=-1)
+        else:
+            q, kv = self.q_proj(x), self.kv_a_proj_with_mqa(x)
+        q_nope, q_rope = q.view(b, t, self.h, self.nope + self.rope).split([self.nope, self.rope], dim=-1)
+        c, k_rope = kv.split([self.rank, self.rope], dim=-1)
         latent = torch.cat([self.kv_a_layernorm(c), apply_rope(k_rope, cos_sin)], dim=-1)
         return q_nope, apply_rope(q_rope, cos_sin), latent
 

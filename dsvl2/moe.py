@@ -30,9 +30,22 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.register_buffer("gate_up", torch.empty(0), persistent=False)  # see fuse()
+
+    def fuse(self) -> None:
+        """Stack gate_proj and up_proj into one matrix (one product instead of two); the parameters
+        become views into it, so names and values stay those of the checkpoint."""
+        self.gate_up = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        n = self.gate_proj.weight.shape[0]
+        self.gate_proj.weight = nn.Parameter(self.gate_up[:n], requires_grad=False)
+        self.up_proj.weight = nn.Parameter(self.gate_up[n:], requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up.numel():
+            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Experts(nn.Module):
