@@ -7,6 +7,7 @@ Environment:
   DSVL2_WEIGHTS  checkpoint directory (default: `weights/` beside this file). Without a
                  `config.json` there, setup downloads the official checkpoint into it.
   DSVL2_DEVICE   `cuda` (default; bfloat16) or `cpu` (float32; for tests and demos only).
+  DSVL2_COMPILE_CACHE  where compiled kernels are cached (default `~/.cache/dsvl2`).
 """
 
 import inspect
@@ -32,6 +33,7 @@ from dsvl2.sampling import SamplingParams
 
 WEIGHTS_ENV = "DSVL2_WEIGHTS"
 DEVICE_ENV = "DSVL2_DEVICE"
+CACHE_ENV = "DSVL2_COMPILE_CACHE"
 DEFAULT_WEIGHTS = LocalPath(__file__).resolve().parent / "weights"
 REPO_ID = "deepseek-ai/deepseek-vl2-small"
 DTYPES = {"cuda": torch.bfloat16, "cpu": torch.float32}
@@ -81,6 +83,11 @@ class Runner(BaseRunner):
     def setup(self) -> None:
         """Load DeepSeek-VL2-small (bfloat16 on the GPU) and run one short generation."""
         started = time.perf_counter()
+        # Compiled kernels are cached here, so a restart skips most of the compilation (mount it as a
+        # volume with `docker run -v` to keep it across containers).
+        cache = LocalPath(os.environ.get(CACHE_ENV, "~/.cache/dsvl2")).expanduser()
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
+        os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
         device, dtype = resolve_device()
         log(f"setup: device {device}, dtype {str(dtype).removeprefix('torch.')}")
         with timed("checkpoint"):

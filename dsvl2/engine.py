@@ -168,7 +168,9 @@ class Engine:
                 finish = "stop"
                 break
             req.output_ids.append(token)
-            req.stats.output_tokens = len(req.output_ids)
+            n = req.stats.output_tokens = len(req.output_ids)
+            if n > 1 and t_last > t_first:  # kept current, so a cancelled request has it too
+                req.stats.tokens_per_second = (n - 1) / (t_last - t_first)
             text = decoder.push(token)
             if text:
                 yield text
@@ -180,9 +182,6 @@ class Engine:
             yield tail
         if self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()  # let a queued speculative step finish
-        n = len(req.output_ids)
-        if n > 1 and t_last > t_first:
-            req.stats.tokens_per_second = (n - 1) / (t_last - t_first)
         req.stats.finish_reason = finish
 
     def _copy_token(self, host: torch.Tensor, slot: int, row: int) -> torch.cuda.Event | None:
