@@ -169,6 +169,7 @@ def main() -> None:
     res["fast_vs_plain_greedy_ids_compared"] = min(len(fast.output_ids), len(plain.output_ids))
     res["fast_vs_plain_logits_max_abs"] = float((fast_logits - plain_logits).abs().max())
     res["logits_abs_max"] = float(plain_logits.abs().max())
+    res["fast_vs_plain_logits_rel_l2"] = float((fast_logits - plain_logits).norm() / plain_logits.norm())
     ttfts = [run(engine, prompt, [image], GREEDY, 1)[0].stats.time_to_first_token_s for _ in range(2)]
     res["plain_ttft_ms"] = round(1e3 * min(ttfts), 1)
     res["plain_decode_tok_s"] = round(run(engine, prompt, [image], GREEDY, 16)[0].stats.tokens_per_second, 1)
