@@ -1,0 +1,129 @@
+"""The generation engine's request rules on the CPU: context limits, seeds, streaming, stopping."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from dsvl2.engine import Engine, sampler_mode
+from dsvl2.errors import InputError, PromptTooLong
+from dsvl2.processor import image_token_count
+from dsvl2.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, top_p=1.0, top_k=50, repetition_penalty=1.0, seed=0)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint: Path) -> Engine:
+    logs: list[str] = []
+    e = Engine.from_pretrained(tiny_checkpoint, "cpu", torch.float32, log=logs.append)
+    e.logs = logs
+    return e
+
+
+def _image(w: int = 640, h: int = 480) -> Image.Image:
+    return Image.radial_gradient("L").resize((w, h)).convert("RGB")
+
+
+def test_prompt_that_does_not_fit_is_refused_with_both_counts(engine: Engine) -> None:
+    # Two 1:9 images tile 1x9: 2 * 2101 image tokens alone exceed the 4096-token context.
+    images = [_image(400, 3600), _image(400, 3600)]
+    enc = engine.processor.encode("Compare <image> and <image>.", images)
+    assert enc.num_image_tokens == [image_token_count(1, 9)] * 2
+    n = len(enc.input_ids)
+    with pytest.raises(PromptTooLong) as err:
+        engine.prepare("Compare <image> and <image>.", images, GREEDY, 10)
+    message = str(err.value)
+    assert f"the prompt is {n} tokens" in message and f"{2 * 2101} image tokens" in message and "4096" in message
+
+
+def test_max_new_tokens_is_cut_to_what_is_left_and_logged(engine: Engine) -> None:
+    req = engine.prepare("<image>\nDescribe.", [_image(1152, 1152)], GREEDY, 4096)
+    left = 4096 - req.stats.prompt_tokens
+    assert req.max_new_tokens == left
+    assert any(f"cut to {left}" in line for line in engine.logs)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, None])
+def test_nonsense_max_new_tokens_is_refused(engine: Engine, bad: object) -> None:
+    with pytest.raises(InputError, match="max_new_tokens"):
+        engine.prepare("Hi", [_image()], GREEDY, bad)
+
+
+def test_nonsense_sampling_parameters_are_refused_before_any_work(engine: Engine) -> None:
+    with pytest.raises(InputError, match="repetition_penalty"):
+        engine.prepare("Hi", [_image()], SamplingParams(repetition_penalty=0.0), 5)
+
+
+def _generate(engine: Engine, params: SamplingParams, n: int = 24) -> tuple[list[int], str]:
+    req = engine.prepare("<image>\nWhat is shown?", [_image()], params, n)
+    text = "".join(engine.stream(req))
+    return req.output_ids, text
+
+
+def test_seed_reproduces_a_request_and_requests_without_seed_differ(engine: Engine) -> None:
+    hot = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=1234)
+    a, _ = _generate(engine, hot)
+    b, _ = _generate(engine, hot)
+    assert a == b
+    c, _ = _generate(engine, SamplingParams(temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=99))
+    unseeded = [_generate(engine, SamplingParams(temperature=1.0, top_p=1.0, top_k=0, seed=None))[0]
+                for _ in range(2)]
+    assert c != a and unseeded[0] != unseeded[1]
+
+
+def test_top_p_near_zero_equals_greedy(engine: Engine) -> None:
+    greedy, _ = _generate(engine, GREEDY)
+    nucleus, _ = _generate(engine, SamplingParams(temperature=0.7, top_p=1e-6, top_k=50, repetition_penalty=1.0,
+                                                  seed=5))
+    assert nucleus == greedy
+
+
+def test_stream_equals_decoding_all_ids_at_once(engine: Engine) -> None:
+    ids, text = _generate(engine, SamplingParams(temperature=1.0, top_p=1.0, top_k=0, seed=7), n=40)
+    assert text == engine.processor.decode(ids)
+    assert engine.eos_id not in ids and engine.processor.bos_id not in ids
+
+
+def test_generation_stops_at_eos(engine: Engine) -> None:
+    """Make eos the only choice after the first token: the answer ends there and eos is not output."""
+    lm = engine.model.language
+    saved = lm.lm_head.weight.clone()
+    with torch.no_grad():
+        lm.lm_head.weight.zero_()
+        lm.lm_head.weight[engine.eos_id] = 1.0
+    try:
+        req = engine.prepare("<image>\nHi", [_image()], GREEDY, 50)
+        list(engine.stream(req))
+    finally:
+        with torch.no_grad():
+            lm.lm_head.weight.copy_(saved)
+    assert req.output_ids == [] and req.stats.finish_reason == "stop"
+
+
+def test_cancel_stops_generation(engine: Engine) -> None:
+    cancel = threading.Event()
+    req = engine.prepare("<image>\nWhat is shown?", [_image()], GREEDY, 500)
+    for _ in engine.stream(req, cancel):
+        cancel.set()
+    assert req.stats.finish_reason == "cancelled"
+    assert req.stats.output_tokens < 5
+
+
+def test_stats_are_filled(engine: Engine) -> None:
+    req = engine.prepare("<image>\nWhat is shown?", [_image()], GREEDY, 16)
+    list(engine.stream(req))
+    s = req.stats
+    assert s.prompt_tokens == len(req.encoded.input_ids) and s.output_tokens == len(req.output_ids)
+    assert s.time_to_first_token_s > 0 and (s.tokens_per_second > 0 or s.output_tokens < 2)
+
+
+def test_sampler_mode_choice() -> None:
+    assert sampler_mode(SamplingParams(temperature=0.0)) == "greedy"
+    assert sampler_mode(SamplingParams(temperature=0.5, top_k=50)) == "top"
+    assert sampler_mode(SamplingParams(temperature=0.5, top_k=0)) == "full"
+    assert sampler_mode(SamplingParams(temperature=0.5, top_k=100)) == "full"
