@@ -266,9 +266,12 @@ class Engine:
             self.log(f"compiled and captured the decode step in {time.perf_counter() - t0:.1f} s")
         else:
             self.capture()
-        image = Image.new("RGB", (640, 480), (200, 120, 40))
-        req = self.prepare("<image>\nDescribe this image.", [image], SamplingParams(temperature=0.1, seed=0), 8)
-        text = "".join(self.stream(req))
+        # Two requests of different shapes, so that the compiled prefill settles on shape-generic code
+        # here rather than recompiling on the first real request.
+        for size in ((640, 480), (1000, 333)):
+            image = Image.new("RGB", size, (200, 120, 40))
+            req = self.prepare("<image>\nDescribe this image.", [image], SamplingParams(temperature=0.1, seed=0), 8)
+            text = "".join(self.stream(req))
         self.log(f"warm-up: {req.stats.output_tokens} tokens ({text[:40]!r}) in {time.perf_counter() - t0:.1f} s")
 
 
