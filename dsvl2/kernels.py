@@ -1,15 +1,10 @@
-"""Triton kernels for decode time (a handful of tokens; CUDA, or the Triton interpreter in tests).
+"""Triton kernels for the routed experts at decode time (CUDA; the tests run them through Triton's
+interpreter on the CPU).
 
-Routed experts: at batch 1 a decode step routes one token to 6 of 64 experts, so the work is reading
-those 6 experts' weights once: each kernel is a matrix-vector product that reads a [BLOCK_N, D] slab
-of one selected expert straight from the stacked weights (no gather copy, no host synchronisation).
-``routed_experts`` computes what ``moe.grouped_experts`` computes.
-
-Latent attention: every head attends over the same compressed cache (512 + 64 values a token), so
-one program takes all heads of one row and one slice of the positions, reads that slice of the cache
-once, and keeps an online softmax (split-K "flash decoding"); only positions up to the row's own
-position are read. ``latent_attention`` computes what ``Attention.decode``'s plain path computes.
-The tests compare both kernels with the plain paths.
+At batch 1 a decode step routes one token to 6 of 64 experts, so the work is reading those 6 experts'
+weights once: each kernel is a matrix-vector product that reads a [BLOCK_N, D] slab of one selected
+expert straight from the stacked weights (no gather copy, no host synchronisation).
+``routed_experts`` computes what ``moe.grouped_experts`` computes; the tests compare them.
 """
 
 from __future__ import annotations
@@ -73,73 +68,6 @@ if triton is not None:
             acc += tl.sum(w * hk[None, :], axis=1)
         out = acc.to(h_ptr.dtype.element_ty).to(tl.float32) * tl.load(wt_ptr + pair)
         tl.store(y_ptr + pair * D + n, out, mask=mask_n)
-
-
-if triton is not None:
-
-    @triton.jit
-    def _latent_attention_kernel(q_ptr, cache_ptr, pos_ptr, acc_ptr, m_ptr, l_ptr, stride_cb, stride_cs, scale,
-                                 H: tl.constexpr, R: tl.constexpr, P: tl.constexpr, NSPLIT: tl.constexpr,
-                                 BLOCK_S: tl.constexpr):
-        # Row b, split j: positions [start, end) of 0..pos[b]; partial softmax state per head.
-        b = tl.program_id(0)
-        j = tl.program_id(1)
-        length = tl.load(pos_ptr + b) + 1
-        chunk = tl.cdiv(tl.cdiv(length, NSPLIT), BLOCK_S) * BLOCK_S
-        start = j * chunk
-        end = tl.minimum(start + chunk, length)
-        h = tl.arange(0, H)
-        r = tl.arange(0, R)
-        p = tl.arange(0, P)
-        q_row = q_ptr + b * H * (R + P) + h[:, None] * (R + P)
-        q_lat = tl.load(q_row + r[None, :])  # [H, R]
-        q_rope = tl.load(q_row + R + p[None, :])  # [H, P]
-        m_i = tl.full([H], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([H], dtype=tl.float32)
-        acc = tl.zeros([H, R], dtype=tl.float32)
-        for s0 in range(start, end, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            valid = s < end
-            rows = cache_ptr + b * stride_cb + s[:, None] * stride_cs
-            kv = tl.load(rows + r[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_S, R]: keys and values
-            kr = tl.load(rows + R + p[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_S, P]: rotary keys
-            scores = (tl.dot(q_lat, tl.trans(kv)) + tl.dot(q_rope, tl.trans(kr))) * scale  # [H, BLOCK_S]
-            scores = tl.where(valid[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            alpha = tl.exp(m_i - m_new)
-            weights = tl.exp(scores - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(weights, 1)
-            acc = acc * alpha[:, None] + tl.dot(weights.to(kv.dtype), kv)
-            m_i = m_new
-        part = b * NSPLIT + j
-        tl.store(acc_ptr + (part * H + h[:, None]) * R + r[None, :], acc)
-        tl.store(m_ptr + part * H + h, m_i)
-        tl.store(l_ptr + part * H + h, l_i)
-
-
-def latent_attention_ok(heads: int, rank: int, rope: int) -> bool:
-    """The kernel's shape rules: power-of-two sizes of at least 16 (tensor-core tiles)."""
-    return all(n >= 16 and n & (n - 1) == 0 for n in (heads, rank, rope))
-
-
-def latent_attention(q: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor, rank: int, scale: float,
-                     n_split: int = 32, block_s: int = 32) -> torch.Tensor:
-    """q [B, H, rank + rope] (absorbed query), cache [B, S, rank + rope], pos [B] -> out [B, H, rank].
-
-    out[b, h] = softmax_s(q[b, h] . cache[b, s] * scale over s <= pos[b]) @ cache[b, s, :rank]
-    """
-    b, h, width = q.shape
-    acc = torch.empty(b, n_split, h, rank, dtype=torch.float32, device=q.device)
-    m = torch.empty(b, n_split, h, dtype=torch.float32, device=q.device)
-    lse = torch.empty(b, n_split, h, dtype=torch.float32, device=q.device)
-    _latent_attention_kernel[(b, n_split)](
-        q.contiguous(), cache, pos, acc, m, lse, cache.stride(0), cache.stride(1), scale,
-        H=h, R=rank, P=width - rank, NSPLIT=n_split, BLOCK_S=block_s)
-    # Combine the splits (empty ones have m = -inf and weigh nothing).
-    m_max = m.amax(dim=1, keepdim=True)
-    w = torch.exp(m - m_max)  # [B, NSPLIT, H]
-    out = (acc * w[..., None]).sum(1) / (lse * w).sum(1)[..., None]
-    return out.to(q.dtype)
 
 
 # Block sizes per kernel (BLOCK_N, BLOCK_K, num_warps), chosen by benchmarks/profile_decode.py on an H100.
