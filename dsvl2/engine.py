@@ -134,9 +134,14 @@ class Engine:
             p.temperature, p.top_p, p.top_k, p.repetition_penalty)
         self.seen[row] = seen_from_prompt(enc.input_ids.to(self.device), self.vocab)
 
-        embeds = self.model.embed(enc.input_ids, enc.image_mask, enc.pixel_values, enc.spatial_crops)
-        hidden = self.model.language.prefill(embeds[None], self.cache[:, row:row + 1])
-        logits = self.model.language.logits(hidden[:, -1])  # [1, V]
+        try:
+            logits = self._prefill(enc, row)
+        except Exception as e:
+            # A recompilation for a new shape that fails must cost one slow request, not the service.
+            if not self._drop_compiled(("forward",)):
+                raise
+            self.log(f"compiled prefill failed ({type(e).__name__}: {e}); continuing with the eager prefill")
+            logits = self._prefill(enc, row)
         if sampling:
             draw_noise([rng], self.vocab, self.device, out=self.noise[row:row + 1])
         first = sample(logits, self.seen[row:row + 1], self.temperature[row:row + 1], self.top_p[row:row + 1],
@@ -183,6 +188,21 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()  # let a queued speculative step finish
         req.stats.finish_reason = finish
+
+    def _prefill(self, enc: Encoded, row: int) -> torch.Tensor:
+        """Embed the prompt (images included) and fill the cache row; -> last-position logits [1, V]."""
+        embeds = self.model.embed(enc.input_ids, enc.image_mask, enc.pixel_values, enc.spatial_crops)
+        hidden = self.model.language.prefill(embeds[None], self.cache[:, row:row + 1])
+        return self.model.language.logits(hidden[:, -1])
+
+    def _drop_compiled(self, names: tuple[str, ...]) -> bool:
+        """Remove the compiled wrappers of these methods (back to the plain ones); True if any existed.
+        Graphs already captured stay valid: they replay kernels, not Python."""
+        dropped = False
+        for module in [*self.model.language.model.layers, *self.model.vision.blocks]:
+            for name in names:
+                dropped |= module.__dict__.pop(name, None) is not None
+        return dropped
 
     def _copy_token(self, host: torch.Tensor, slot: int, row: int) -> torch.cuda.Event | None:
         host[slot].copy_(self.tokens[row], non_blocking=True)
@@ -257,13 +277,12 @@ class Engine:
             self.compile()
             try:
                 self.capture()
+                self.log(f"compiled and captured the decode step in {time.perf_counter() - t0:.1f} s")
             except Exception as e:  # noqa: BLE001 - a compiler failure must not take the service down
-                self.log(f"compiled decode failed ({type(e).__name__}: {e}); falling back to the eager decode step")
-                for module in [*self.model.language.model.layers, *self.model.vision.blocks]:
-                    module.__dict__.pop("decode", None)  # drop the compiled wrappers: back to the methods
-                    module.__dict__.pop("forward", None)
+                self.log(f"compiling the decode step failed ({type(e).__name__}: {e}); using the eager step "
+                         "and prefill (correct, slower)")
+                self._drop_compiled(("decode", "forward"))
                 self.capture()
-            self.log(f"compiled and captured the decode step in {time.perf_counter() - t0:.1f} s")
         else:
             self.capture()
         # Two requests of different shapes, so that the compiled prefill settles on shape-generic code

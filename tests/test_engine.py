@@ -127,3 +127,28 @@ def test_sampler_mode_choice() -> None:
     assert sampler_mode(SamplingParams(temperature=0.5, top_k=50)) == "top"
     assert sampler_mode(SamplingParams(temperature=0.5, top_k=0)) == "full"
     assert sampler_mode(SamplingParams(temperature=0.5, top_k=100)) == "full"
+
+
+def test_a_failing_compiled_prefill_falls_back_to_the_eager_one(engine: Engine) -> None:
+    expected, _ = _generate(engine, GREEDY)
+    layer = engine.model.language.model.layers[0]
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("simulated recompilation failure")
+
+    layer.forward = broken  # what Engine.compile installs, failing
+    engine.logs.clear()
+    got, _ = _generate(engine, GREEDY)
+    assert got == expected
+    assert "forward" not in layer.__dict__  # the compiled wrapper is gone for later requests
+    assert any("compiled prefill failed (RuntimeError: simulated recompilation failure)" in line
+               for line in engine.logs)
+
+
+def test_a_plain_prefill_error_is_not_swallowed(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("real failure")
+
+    monkeypatch.setattr(engine.model.language, "prefill", broken)
+    with pytest.raises(RuntimeError, match="real failure"):
+        _generate(engine, GREEDY)
