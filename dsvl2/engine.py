@@ -77,7 +77,6 @@ class Engine:
         self.eos_id = processor.eos_id
         self.use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.use_compile = self.device.type == "cuda" if compile is None else compile
-        self.compile_prefill = self.use_compile
         self.cache = model.language.new_cache(max_batch)  # [layers, B, S, 576]
         b, dev = max_batch, self.device
         # The decode step's static inputs and per-row sampling state.
@@ -242,11 +241,10 @@ class Engine:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for layer in self.model.language.model.layers:
             layer.decode = torch.compile(layer.decode, dynamic=False)
-            if self.compile_prefill:  # any prompt length: one graph with a symbolic length
-                layer.forward = torch.compile(layer.forward, dynamic=True)
-        if self.compile_prefill:
-            for block in self.model.vision.blocks:
-                block.forward = torch.compile(block.forward, dynamic=True)
+            # The prefill too, for any prompt length: one graph with a symbolic length.
+            layer.forward = torch.compile(layer.forward, dynamic=True)
+        for block in self.model.vision.blocks:
+            block.forward = torch.compile(block.forward, dynamic=True)
 
     def capture(self) -> None:
         """Capture the decode step of each sampler mode in a CUDA graph (after warm-up runs on a side

@@ -24,7 +24,7 @@ from torch import nn
 from .config import ModelConfig
 from .errors import CheckpointError
 from .model import DeepseekVL2
-from .moe import EXPERT_KEYS
+from .moe import EXPERT_KEYS, STACKS, expert_blocks, expert_matrix_shape
 
 DROPPED_PREFIXES = ("vision.attn_pool.",)
 _EXPERT_RE = re.compile(r"^(language\.model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
@@ -114,11 +114,13 @@ def load_model(ckpt: str | Path, device: str | torch.device = "cpu", dtype: torc
     model.eval().requires_grad_(False)
     params = dict(model.named_parameters())
     # What must be filled: every plain parameter, and every (expert, row block) of a stacked one.
-    unfilled: set = {n for n in params if not n.endswith((".w13", ".w2"))}
+    unfilled: set = set()
     for n, p in params.items():
-        if n.endswith((".w13", ".w2")):
-            blocks = 2 if n.endswith(".w13") else 1  # w13 holds gate then up rows
-            unfilled |= {(n, e, o) for e in range(p.shape[0]) for o in range(blocks)}
+        stack = n.rpartition(".")[2]
+        if stack in STACKS:
+            unfilled |= {(n, e, o) for e in range(p.shape[0]) for o in range(expert_blocks(stack))}
+        else:
+            unfilled.add(n)
     stacked: dict[str, torch.Tensor] = {}
     names = {n: p for n, p in shard_files(ckpt).items() if not n.startswith(DROPPED_PREFIXES)}
     _read_ahead(set(names.values()))
@@ -126,8 +128,7 @@ def load_model(ckpt: str | Path, device: str | torch.device = "cpu", dtype: torc
     for name, path, src in iter_tensors(ckpt, names):
         target, slot = _target(name, params, path)
         param = params[target]
-        expected = param.shape if slot is None else param.shape[1:] if target.endswith(".w2") else \
-            torch.Size([param.shape[1] // 2, param.shape[2]])
+        expected = param.shape if slot is None else expert_matrix_shape(target.rpartition(".")[2], param.shape)
         if src.shape != expected:
             raise CheckpointError(
                 f"{path}: tensor {name} has shape {list(src.shape)}, the config expects {list(expected)}")

@@ -22,6 +22,17 @@ from .config import LanguageConfig
 
 # checkpoint sub-key of one expert -> (stacked parameter, row offset in units of the expert width)
 EXPERT_KEYS = {"gate_proj": ("w13", 0), "up_proj": ("w13", 1), "down_proj": ("w2", 0)}
+STACKS = tuple(dict.fromkeys(stack for stack, _ in EXPERT_KEYS.values()))  # ("w13", "w2")
+
+
+def expert_blocks(stack: str) -> int:
+    """How many checkpoint matrices of one expert are stacked, row-wise, into ``stack``."""
+    return sum(1 for s, _ in EXPERT_KEYS.values() if s == stack)
+
+
+def expert_matrix_shape(stack: str, stacked_shape: torch.Size | tuple[int, ...]) -> torch.Size:
+    """Shape of one expert's checkpoint matrix inside a stacked parameter [E, rows, cols]."""
+    return torch.Size([stacked_shape[1] // expert_blocks(stack), stacked_shape[2]])
 
 
 class MLP(nn.Module):

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .model import DeepseekVL2
-from .moe import EXPERT_KEYS
+from .moe import EXPERT_KEYS, STACKS, expert_matrix_shape
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -63,13 +63,12 @@ def official_shapes(cfg: ModelConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
     with torch.device("meta"):
         model = DeepseekVL2(cfg)
     for name, p in model.named_parameters():
-        if name.endswith((".w13", ".w2")):
-            prefix, stack = name.rsplit(".", 1)
+        prefix, _, stack = name.rpartition(".")
+        if stack in STACKS:
             for e in range(p.shape[0]):
                 for proj, (target, _) in EXPERT_KEYS.items():
                     if target == stack:
-                        rows = p.shape[1] // 2 if stack == "w13" else p.shape[1]
-                        yield f"{prefix}.{e}.{proj}.weight", (rows, p.shape[2])
+                        yield f"{prefix}.{e}.{proj}.weight", tuple(expert_matrix_shape(stack, p.shape))
         else:
             yield name, tuple(p.shape)
     w, mlp = cfg.vision.width, cfg.vision.mlp_dim
