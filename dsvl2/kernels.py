@@ -93,3 +93,223 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w1
     _down_kernel[(pairs, triton.cdiv(d, bn))](
         h, w2, ids_flat, weights.reshape(-1).contiguous(), y, D=d, HID=i, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
     return y.view(n, k, d).sum(1).to(x.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _router_kernel(x_ptr, w_ptr, logits_ptr, D: tl.constexpr, E: tl.constexpr, BLOCK_E: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+        # Gate logits in float32 for one token and a block of experts (the softmax and top-k are taken by
+        # every program of the expert kernels, from these E numbers).
+        t = tl.program_id(0)
+        e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+        mask_e = e < E
+        acc = tl.zeros([BLOCK_E], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            xk = tl.load(x_ptr + t * D + k).to(tl.float32)
+            w = tl.load(w_ptr + e[:, None] * D + k[None, :], mask=mask_e[:, None], other=0.0).to(tl.float32)
+            acc += tl.sum(w * xk[None, :], axis=1)
+        tl.store(logits_ptr + t * E + e, acc, mask=mask_e)
+
+    @triton.jit
+    def _route_slot(logits_ptr, token, slot, E: tl.constexpr, E_PAD: tl.constexpr, K_TOP: tl.constexpr):
+        # The slot-th choice of the token's top K over the softmax of its gate logits: (expert, weight).
+        e = tl.arange(0, E_PAD)
+        mask_e = e < E
+        logits = tl.load(logits_ptr + token * E + e, mask=mask_e, other=float("-inf"))
+        p = tl.exp(logits - tl.max(logits, axis=0))
+        p = tl.where(mask_e, p / tl.sum(p, axis=0), -1.0)
+        for j in tl.static_range(K_TOP):
+            best = tl.max(p, axis=0)
+            idx = tl.min(tl.where(p == best, e, E_PAD), axis=0)
+            if j == 0:
+                chosen, weight = idx, best
+            else:
+                chosen = tl.where(j == slot, idx, chosen)
+                weight = tl.where(j == slot, best, weight)
+            p = tl.where(e == idx, -1.0, p)
+        return chosen, weight
+
+    @triton.jit
+    def _moe_gate_up_kernel(x_ptr, w13_ptr, sgu_ptr, logits_ptr, h_ptr, D: tl.constexpr, HID: tl.constexpr,
+                            E: tl.constexpr, E_PAD: tl.constexpr, K_TOP: tl.constexpr, N_SHARED: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Slot s of a token: s < K_TOP is its s-th routed expert, the rest are the shared experts, each an
+        # expert-wide slice of the shared MLP (its gate rows [j*I, (j+1)*I) and the matching up rows).
+        pair = tl.program_id(0)
+        token = pair // (K_TOP + N_SHARED)
+        slot = pair % (K_TOP + N_SHARED)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = n < HID
+        e, _ = _route_slot(logits_ptr, token, tl.minimum(slot, K_TOP - 1), E, E_PAD, K_TOP)
+        if slot < K_TOP:
+            w_gate = w13_ptr + e.to(tl.int64) * (2 * HID * D)
+            w_up = w_gate + HID * D
+        else:
+            w_gate = sgu_ptr + (slot - K_TOP).to(tl.int64) * (HID * D)
+            w_up = w_gate + N_SHARED * HID * D
+        acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            xk = tl.load(x_ptr + token * D + k).to(tl.float32)
+            g = tl.load(w_gate + n[:, None] * D + k[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
+            u = tl.load(w_up + n[:, None] * D + k[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
+            acc_g += tl.sum(g * xk[None, :], axis=1)
+            acc_u += tl.sum(u * xk[None, :], axis=1)
+        g_r = acc_g.to(h_ptr.dtype.element_ty).to(tl.float32)
+        u_r = acc_u.to(h_ptr.dtype.element_ty).to(tl.float32)
+        act = (g_r / (1.0 + tl.exp(-g_r))).to(h_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(h_ptr + pair * HID + n, (act * u_r).to(h_ptr.dtype.element_ty), mask=mask_n)
+
+    @triton.jit
+    def _moe_down_kernel(h_ptr, w2_ptr, sd_ptr, logits_ptr, y_ptr, D: tl.constexpr, HID: tl.constexpr,
+                         E: tl.constexpr, E_PAD: tl.constexpr, K_TOP: tl.constexpr, N_SHARED: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # y[token, slot, n]: a routed slot's bf16 output times its routing weight; a shared slot's partial
+        # (float32) product over its slice of the shared MLP's hidden units.
+        pair = tl.program_id(0)
+        token = pair // (K_TOP + N_SHARED)
+        slot = pair % (K_TOP + N_SHARED)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = n < D
+        routed = slot < K_TOP
+        e, wt = _route_slot(logits_ptr, token, tl.minimum(slot, K_TOP - 1), E, E_PAD, K_TOP)
+        if routed:
+            rows = w2_ptr + e.to(tl.int64) * (D * HID) + n[:, None] * HID
+        else:
+            rows = sd_ptr + n[:, None] * (N_SHARED * HID) + (slot - K_TOP) * HID
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, HID, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = k < HID
+            hk = tl.load(h_ptr + pair * HID + k, mask=mask_k, other=0.0).to(tl.float32)
+            w = tl.load(rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(w * hk[None, :], axis=1)
+        weighted = acc.to(h_ptr.dtype.element_ty).to(tl.float32) * wt
+        tl.store(y_ptr + pair * D + n, tl.where(routed, weighted, acc), mask=mask_n)
+
+
+ROUTER_BLOCK_E = 4
+
+
+def moe_decode_ok(n_tokens: int, top_k: int, dim: int, shared: bool) -> bool:
+    """Shapes the fused decode MoE handles: a few tokens, the hidden size a multiple of the blocks."""
+    return triton is not None and shared and n_tokens * top_k <= 64 and dim % 512 == 0
+
+
+@torch.compiler.disable  # launched as is (also inside a CUDA graph); Dynamo compiles the code around it
+def moe_decode(x: torch.Tensor, gate_w: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, shared_gate_up: torch.Tensor,
+               shared_down: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The whole MoE block of a few tokens in three kernels: gate logits, then the routed and shared experts side
+    by side (each program takes the softmax and top-k of its token's logits; the shared experts are expert-wide
+    slices of the shared MLP).
+
+    x [N, D] -> y [N, top_k + n_shared, D] float32: rows < top_k are weighted bf16 routed outputs, the rest
+    partial sums of the shared MLP; ``y[:, :k].sum(1)`` and ``y[:, k:].sum(1)`` are what ``MoE`` adds.
+    """
+    n, d = x.shape
+    e, hid = w13.shape[0], w2.shape[2]
+    n_shared = shared_down.shape[1] // hid
+    slots = top_k + n_shared
+    x = x.contiguous()
+    logits = torch.empty(n, e, dtype=torch.float32, device=x.device)
+    _router_kernel[(n, triton.cdiv(e, ROUTER_BLOCK_E))](x, gate_w, logits, D=d, E=e, BLOCK_E=ROUTER_BLOCK_E,
+                                                         BLOCK_K=512, num_warps=4)
+    routing = dict(E=e, E_PAD=triton.next_power_of_2(e), K_TOP=top_k, N_SHARED=n_shared)
+    h = torch.empty(n * slots, hid, dtype=x.dtype, device=x.device)
+    bn, bk, nw = GATE_UP_CONFIG
+    _moe_gate_up_kernel[(n * slots, triton.cdiv(hid, bn))](
+        x, w13, shared_gate_up, logits, h, D=d, HID=hid, **routing, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
+    y = torch.empty(n, slots, d, dtype=torch.float32, device=x.device)
+    bn, bk, nw = DOWN_CONFIG
+    _moe_down_kernel[(n * slots, triton.cdiv(d, bn))](
+        h, w2, shared_down, logits, y, D=d, HID=hid, **routing, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
+    return y
+
+
+if triton is not None:
+
+    @triton.jit
+    def _latent_attention_kernel(ql_ptr, qr_ptr, cache_ptr, pos_ptr, acc_ptr, m_ptr, l_ptr, stride_cb, stride_cs,
+                                 scale, H: tl.constexpr, R: tl.constexpr, P: tl.constexpr, NSPLIT: tl.constexpr,
+                                 BLOCK_S: tl.constexpr):
+        # Row b, split j: positions [start, end) of 0..pos[b]; a partial softmax state per head.
+        b = tl.program_id(0)
+        j = tl.program_id(1)
+        length = tl.load(pos_ptr + b) + 1
+        chunk = tl.cdiv(tl.cdiv(length, NSPLIT), BLOCK_S) * BLOCK_S
+        start = j * chunk
+        end = tl.minimum(start + chunk, length)
+        h = tl.arange(0, H)
+        r = tl.arange(0, R)
+        p = tl.arange(0, P)
+        q_lat = tl.load(ql_ptr + b * H * R + h[:, None] * R + r[None, :])  # [H, R]
+        q_rope = tl.load(qr_ptr + b * H * P + h[:, None] * P + p[None, :])  # [H, P]
+        m_i = tl.full([H], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([H], dtype=tl.float32)
+        acc = tl.zeros([H, R], dtype=tl.float32)
+        for s0 in range(start, end, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            valid = s < end
+            rows = cache_ptr + b * stride_cb + s[:, None] * stride_cs
+            kv = tl.load(rows + r[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_S, R]: keys and values
+            kr = tl.load(rows + R + p[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_S, P]: rotary keys
+            scores = (tl.dot(q_lat, tl.trans(kv)) + tl.dot(q_rope, tl.trans(kr))) * scale  # [H, BLOCK_S]
+            scores = tl.where(valid[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            alpha = tl.exp(m_i - m_new)
+            weights = tl.exp(scores - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(weights, 1)
+            acc = acc * alpha[:, None] + tl.dot(weights.to(kv.dtype), kv)
+            m_i = m_new
+        part = b * NSPLIT + j
+        tl.store(acc_ptr + (part * H + h[:, None]) * R + r[None, :], acc)
+        tl.store(m_ptr + part * H + h, m_i)
+        tl.store(l_ptr + part * H + h, l_i)
+
+    @triton.jit
+    def _attention_combine_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, H: tl.constexpr, R: tl.constexpr,
+                                  NSPLIT: tl.constexpr, BLOCK_R: tl.constexpr):
+        # Merge the splits of row b, head h, for a block of the rank (an empty split has m = -inf, weight 0).
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        j = tl.arange(0, NSPLIT)
+        r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+        m = tl.load(m_ptr + (b * NSPLIT + j) * H + h)
+        w = tl.exp(m - tl.max(m, axis=0))
+        total = tl.sum(tl.load(l_ptr + (b * NSPLIT + j) * H + h) * w, axis=0)
+        acc = tl.load(acc_ptr + ((b * NSPLIT + j[:, None]) * H + h) * R + r[None, :])
+        out = tl.sum(acc * w[:, None], axis=0) / total
+        tl.store(out_ptr + (b * H + h) * R + r, out.to(out_ptr.dtype.element_ty))
+
+
+def latent_attention_ok(heads: int, rank: int, rope: int) -> bool:
+    """The kernel's shape rules: power-of-two sizes of at least 16 (tensor-core tiles)."""
+    return triton is not None and all(n >= 16 and n & (n - 1) == 0 for n in (heads, rank, rope))
+
+
+ATTENTION_SPLITS, ATTENTION_BLOCK_S = 32, 32
+
+
+@torch.compiler.disable  # launched as is (also inside a CUDA graph); Dynamo compiles the code around it
+def latent_attention(q_lat: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """q_lat [B, H, rank], q_rope [B, H, rope] (absorbed query), cache [B, S, rank + rope], pos [B] -> [B, H, rank]
+
+    out[b, h] = softmax_s((q_lat . c_s + q_rope . k_s) * scale over s <= pos[b]) @ c_s, with c_s = cache[b, s, :rank]
+    """
+    b, h, rank = q_lat.shape
+    n_split = ATTENTION_SPLITS
+    acc = torch.empty(b, n_split, h, rank, dtype=torch.float32, device=q_lat.device)
+    m = torch.empty(b, n_split, h, dtype=torch.float32, device=q_lat.device)
+    lse = torch.empty(b, n_split, h, dtype=torch.float32, device=q_lat.device)
+    _latent_attention_kernel[(b, n_split)](
+        q_lat.contiguous(), q_rope.contiguous(), cache, pos, acc, m, lse, cache.stride(0), cache.stride(1), scale,
+        H=h, R=rank, P=q_rope.shape[-1], NSPLIT=n_split, BLOCK_S=ATTENTION_BLOCK_S)
+    out = torch.empty(b, h, rank, dtype=q_lat.dtype, device=q_lat.device)
+    block_r = min(rank, 128)
+    _attention_combine_kernel[(b, h, rank // block_r)](acc, m, lse, out, H=h, R=rank, NSPLIT=n_split, BLOCK_R=block_r)
+    return out

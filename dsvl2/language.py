@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import LanguageConfig
 from .moe import MLP, MoE
 
@@ -128,12 +129,15 @@ class Attention(nn.Module):
         w = self.kv_b_proj.weight.view(self.h, self.nope + self.vdim, self.rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]  # [H, nope, rank], [H, v, rank]
         q_lat = torch.einsum("bhd,hdr->bhr", q_nope[:, 0], w_uk)  # [B, H, rank]
-        q_full = torch.cat([q_lat, q_rope[:, 0]], dim=-1)  # [B, H, rank + rope]
-        scores = torch.matmul(q_full, cache.transpose(1, 2)).float() * self.scale  # [B, H, S]
-        visible = torch.arange(cache.shape[1], device=x.device)[None, :] <= pos[:, None]  # [B, S]
-        scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1).to(x.dtype)
-        o_lat = torch.matmul(probs, cache[..., : self.rank])  # [B, H, rank]
+        if kernels.available(x) and kernels.latent_attention_ok(self.h, self.rank, self.rope):
+            o_lat = kernels.latent_attention(q_lat, q_rope[:, 0], cache, pos, self.scale)  # reads up to pos only
+        else:
+            q_full = torch.cat([q_lat, q_rope[:, 0]], dim=-1)  # [B, H, rank + rope]
+            scores = torch.matmul(q_full, cache.transpose(1, 2)).float() * self.scale  # [B, H, S]
+            visible = torch.arange(cache.shape[1], device=x.device)[None, :] <= pos[:, None]  # [B, S]
+            scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+            probs = scores.softmax(dim=-1).to(x.dtype)
+            o_lat = torch.matmul(probs, cache[..., : self.rank])  # [B, H, rank]
         out = torch.einsum("bhr,hvr->bhv", o_lat, w_uv).reshape(b, 1, self.h * self.vdim)
         return self.o_proj(out)
 

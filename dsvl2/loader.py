@@ -148,10 +148,7 @@ def load_model(ckpt: str | Path, device: str | torch.device = "cpu", dtype: torc
         raise CheckpointError(f"{ckpt}: {len(missing)} parameter(s) not in the checkpoint, e.g. {missing[:5]}")
     for target, tensor in stacked.items():
         _assign(model, target, tensor)
-    model.language.init_buffers()
-    for module in model.modules():
-        if hasattr(module, "fuse"):  # side-by-side projections: fewer, larger matrix products
-            module.fuse()
+    model.finish_loading()
     log(f"loaded {n_bytes / 1e9:.2f} GB from {ckpt} to {device} as {dtype} in {time.perf_counter() - t0:.1f} s")
     return model
 

@@ -22,6 +22,14 @@ class DeepseekVL2(nn.Module):
         self.view_seperator = nn.Parameter(torch.empty(d))  # sic: the checkpoint's spelling
         self.language = LanguageModel(cfg.language)
 
+    def finish_loading(self) -> None:
+        """After the weights are in place: the rotary table on their device, and the side-by-side
+        projections stacked (fewer, larger matrix products)."""
+        self.language.init_buffers()
+        for module in self.modules():
+            if hasattr(module, "fuse"):
+                module.fuse()
+
     @property
     def device(self) -> torch.device:
         return self.image_newline.device

@@ -106,6 +106,31 @@ def build_random_checkpoint(out_dir: str | Path, preset: str = "demo", seed: int
     return out
 
 
+def random_model(preset: str = "small", device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                 std: float = 0.02) -> DeepseekVL2:
+    """The model of a preset with random weights, built directly on ``device`` (no checkpoint on disk), with
+    the same value rules as ``build_random_checkpoint``; for kernel work and profiling."""
+    cfg = ModelConfig.from_dict(preset_config(preset))
+    with torch.device("meta"):
+        model = DeepseekVL2(cfg)
+    model = model.to_empty(device=device).eval().requires_grad_(False)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        p.data = _random(name, tuple(p.shape), std, gen, device).to(dtype)
+    model.finish_loading()
+    return model
+
+
+def write_processor_files(out_dir: str | Path, preset: str = "small") -> Path:
+    """Tokenizer and processor files of a preset (what ``Processor.from_pretrained`` reads)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = preset_config(preset)
+    (out / "config.json").write_text(json.dumps(raw, indent=2))
+    _write_processor_files(out, raw)
+    return out
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:

@@ -1,17 +1,25 @@
-"""Run by tests/test_kernels.py in a subprocess with TRITON_INTERPRET=1: the routed-expert Triton kernels
-on the CPU against the expert loop, in float32 (exact up to summation order) and bfloat16. Prints JSON."""
+"""Run by tests/test_kernels.py in a subprocess with TRITON_INTERPRET=1: the Triton kernels on the CPU
+against the plain paths, in float32 (exact up to summation order) and, where the interpreter allows,
+bfloat16. Prints JSON."""
 
 from __future__ import annotations
 
 import json
+from unittest import mock
 
 import torch
 
 from dsvl2 import kernels, moe
 from dsvl2.config import LanguageConfig
+from dsvl2.language import Attention, rope_table
 
 torch.manual_seed(0)
 results: dict[str, float] = {}
+
+
+def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+
 
 # Routed experts: Triton matrix-vector kernels vs the expert loop.
 cfg = LanguageConfig(hidden_size=512, moe_intermediate_size=96, n_routed_experts=8, num_experts_per_tok=3)
@@ -25,6 +33,46 @@ for dtype in (torch.float32, torch.bfloat16):
         w, ids = layer.route(x)
         ref = moe.looped_experts(x, w, ids, layer.experts).float()
         got = kernels.routed_experts(x, w, ids, layer.experts.w13, layer.experts.w2).float()
-        results[f"routed_{dtype}_{tokens}"] = ((got - ref).norm() / ref.norm()).item()
+        results[f"routed_{dtype}_{tokens}"] = rel(got, ref)
+
+# The fused decode MoE block (router, routed and shared experts in three kernels) vs the plain MoE block, with
+# 12 experts (not a power of two), top-4 and two shared experts.
+cfg = LanguageConfig(hidden_size=512, moe_intermediate_size=96, n_routed_experts=12, num_experts_per_tok=4,
+                     n_shared_experts=2)
+layer = moe.MoE(cfg)
+for p in layer.parameters():
+    p.data.normal_(0, 0.05)
+layer.shared_experts.fuse()
+for dtype in (torch.float32, torch.bfloat16):
+    layer = layer.to(dtype)
+    layer.shared_experts.fuse()
+    for tokens in (1, 3):
+        x = torch.randn(1, tokens, cfg.hidden_size, dtype=dtype)
+        with mock.patch.object(moe.MoE, "impl", "loop"):
+            ref = layer(x)
+        with mock.patch.object(kernels, "available", lambda t: True):
+            got = layer(x)
+        results[f"moe_{dtype}_{tokens}"] = rel(got, ref)
+
+# Latent attention: the split-K kernel inside Attention.decode vs the plain matmul-softmax path.
+acfg = LanguageConfig(hidden_size=128, num_attention_heads=16, kv_lora_rank=64, qk_rope_head_dim=16,
+                      qk_nope_head_dim=16, v_head_dim=16)
+attn = Attention(acfg)
+for p in attn.parameters():
+    p.data.normal_(0, 0.1)
+attn.kv_a_layernorm.weight.data.fill_(1.0)
+table = rope_table(512, acfg.qk_rope_head_dim, acfg.rope_theta, "cpu")
+# float32 only: the interpreter's tl.dot on bfloat16 operands returns garbage (a 16x32 @ 32x16 product is
+# off by 5e10), so the bf16 case is checked on the GPU by benchmarks/bench.py.
+cache = torch.randn(3, 1200, acfg.kv_lora_rank + acfg.qk_rope_head_dim)
+pos = torch.tensor([0, 5, 1117])  # rows at different positions: one token, short, and more than the splits
+x = torch.randn(3, 1, acfg.hidden_size)
+cos_sin = table[pos % 512][:, None]
+ref_cache, got_cache = cache.clone(), cache.clone()
+ref = attn.decode(x, cos_sin, ref_cache, pos)
+with mock.patch.object(kernels, "available", lambda t: True):
+    got = attn.decode(x, cos_sin, got_cache, pos)
+results["attention_torch.float32"] = rel(got, ref)
+results["attention_cache_equal"] = float(torch.equal(ref_cache, got_cache))
 
 print(json.dumps(results))

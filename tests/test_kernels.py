@@ -1,4 +1,4 @@
-"""The routed-expert Triton kernels equal the expert loop: run on the CPU through Triton's interpreter."""
+"""The decode-time Triton kernels equal the plain paths: run on the CPU through Triton's interpreter."""
 
 from __future__ import annotations
 
@@ -28,3 +28,17 @@ def test_routed_expert_kernels_equal_the_expert_loop(errors: dict[str, float]) -
         assert errors[f"routed_torch.float32_{tokens}"] < 1e-5
         assert errors[f"routed_torch.bfloat16_{tokens}"] < 3e-2  # bf16 rounding of the intermediates
 
+
+
+def test_fused_decode_moe_equals_the_plain_moe_block(errors: dict[str, float]) -> None:
+    # Router (softmax, top-k of 12 experts), routed and shared experts in three kernels vs the expert loop
+    # plus the shared MLP: a wrong expert choice or weight would be off by far more than rounding.
+    for tokens in (1, 3):
+        assert errors[f"moe_torch.float32_{tokens}"] < 1e-5
+        assert errors[f"moe_torch.bfloat16_{tokens}"] < 3e-2
+
+
+def test_latent_attention_kernel_equals_the_plain_attention(errors: dict[str, float]) -> None:
+    # Three rows at positions 0, 5 and 1117 (longer than the splits x block), float32.
+    assert errors["attention_torch.float32"] < 1e-5
+    assert errors["attention_cache_equal"] == 1.0
