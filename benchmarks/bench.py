@@ -69,6 +69,20 @@ def plain_path(engine: Engine):
     return restore
 
 
+def teacher_forced(engine: Engine, prompt_embeds: torch.Tensor, ids: list[int]) -> dict:
+    """Score a generated greedy sequence with the current path: per position, does its argmax equal the id,
+    and where not, by how much does it prefer its own choice."""
+    lm = engine.model.language
+    tokens = torch.tensor(ids, device=prompt_embeds.device)
+    embeds = torch.cat([prompt_embeds, lm.model.embed_tokens(tokens[:-1])])[None]
+    cache = lm.new_cache(1, embeds.shape[1])
+    logits = lm.logits(lm.prefill(embeds, cache)[0, -len(ids):])  # the predictions of ids[0], ids[1], ...
+    best = logits.argmax(-1)
+    margin = logits.max(-1).values - logits.gather(-1, tokens[:, None])[:, 0]
+    return {"teacher_forced_argmax_equal": int((best == tokens).sum()), "teacher_forced_compared": len(ids),
+            "teacher_forced_max_margin": round(float(margin.max()), 4)}
+
+
 def kernel_checks() -> dict:
     """Relative error of the routed-expert Triton kernels against the plain loop, fresh random inputs."""
     from dsvl2.config import LanguageConfig
@@ -163,6 +177,10 @@ def main() -> None:
         fast_logits = engine.model.language.logits(engine.model.language.prefill(emb[None], cache)[:, -1])
         restore = plain_path(engine)
         plain_logits = engine.model.language.logits(engine.model.language.prefill(emb[None], cache)[:, -1])
+        # Teacher forcing: the plain path reads the prompt plus the fast path's 64 greedy ids in one prefill;
+        # at every position its own greedy choice should be the fast path's id, or a near tie (the margin by
+        # which the plain path prefers its choice is then within bf16 noise).
+        res.update(teacher_forced(engine, emb, fast.output_ids))
     plain, _ = run(engine, prompt, [image], GREEDY, 64)
     n_same = next((i for i, (a, b) in enumerate(zip(fast.output_ids, plain.output_ids, strict=False)) if a != b),
                   min(len(fast.output_ids), len(plain.output_ids)))

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import plain_path  # noqa: E402
+from bench import plain_path, teacher_forced  # noqa: E402
 
 from dsvl2 import kernels, moe  # noqa: E402
 from dsvl2.engine import Engine  # noqa: E402
@@ -133,7 +133,14 @@ def main() -> None:
     for be in (1, 2, 4, 8):
         kernels.ROUTER_BLOCK_E = be
         sweep[f"moe_router_block_{be}"] = round(1e3 * graph_ms(lambda: block.mlp(x)), 2)
-    kernels.ROUTER_BLOCK_E = 4
+    kernels.ROUTER_BLOCK_E = 1
+    for name, configs in (("GATE_UP_CONFIG", ((8, 512, 2), (16, 512, 4), (8, 256, 2), (4, 512, 1), (8, 1024, 4))),
+                          ("DOWN_CONFIG", ((16, 128, 8), (8, 256, 4), (32, 128, 8), (16, 256, 8), (16, 64, 4)))):
+        default = getattr(kernels, name)
+        for cfg in configs:
+            setattr(kernels, name, cfg)
+            sweep[f"moe_{name}_{cfg}"] = round(1e3 * graph_ms(lambda: block.mlp(x)), 2)
+        setattr(kernels, name, default)
     emit(sweep_us=sweep)
 
     t1 = time.perf_counter()
@@ -174,8 +181,9 @@ def main() -> None:
     restore = plain_path(engine)
     emb_plain = engine.model.embed(enc.input_ids, enc.image_mask, enc.pixel_values, enc.spatial_crops)
     plain_logits = lm.logits(lm.prefill(emb_plain[None], cache)[:, -1])
+    tf = teacher_forced(engine, emb_plain, ids)
     top2 = plain_logits[0].topk(2).values
-    emit(prefill_logits_rel_l2=rel(fast_logits, plain_logits), embeds_rel_l2=rel(emb, emb_plain),
+    emit(**tf, prefill_logits_rel_l2=rel(fast_logits, plain_logits), embeds_rel_l2=rel(emb, emb_plain),
          argmax_fast=int(fast_logits.argmax()), argmax_plain=int(plain_logits.argmax()),
          plain_top2_gap=float(top2[0] - top2[1]), logits_abs_max=float(plain_logits.abs().max()))
     req2 = engine.prepare("<image>\nDescribe this image.", [image], greedy, 64)

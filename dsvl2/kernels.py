@@ -98,10 +98,10 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w1
 if triton is not None:
 
     @triton.jit
-    def _router_kernel(x_ptr, w_ptr, logits_ptr, D: tl.constexpr, E: tl.constexpr, BLOCK_E: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-        # Gate logits in float32 for one token and a block of experts (the softmax and top-k are taken by
-        # every program of the expert kernels, from these E numbers).
+    def _router_kernel(x_ptr, w_ptr, logits_ptr, count_ptr, ids_ptr, wt_ptr, D: tl.constexpr, E: tl.constexpr,
+                       E_PAD: tl.constexpr, K_TOP: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Gate logits in float32 for one token and a block of experts; the token's last program to finish
+        # takes the softmax over all experts and the top K (weights not renormalised), then resets the count.
         t = tl.program_id(0)
         e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
         mask_e = e < E
@@ -112,30 +112,25 @@ if triton is not None:
             w = tl.load(w_ptr + e[:, None] * D + k[None, :], mask=mask_e[:, None], other=0.0).to(tl.float32)
             acc += tl.sum(w * xk[None, :], axis=1)
         tl.store(logits_ptr + t * E + e, acc, mask=mask_e)
+        finished = tl.atomic_add(count_ptr + t, 1, sem="acq_rel")  # orders the stores above before it
+        if finished == tl.num_programs(1) - 1:
+            ea = tl.arange(0, E_PAD)
+            mask_a = ea < E
+            logits = tl.load(logits_ptr + t * E + ea, mask=mask_a, other=float("-inf"), cache_modifier=".cg")
+            p = tl.exp(logits - tl.max(logits, axis=0))
+            p = tl.where(mask_a, p / tl.sum(p, axis=0), -1.0)
+            for j in tl.static_range(K_TOP):
+                best = tl.max(p, axis=0)
+                idx = tl.min(tl.where(p == best, ea, E_PAD), axis=0)
+                tl.store(ids_ptr + t * K_TOP + j, idx)
+                tl.store(wt_ptr + t * K_TOP + j, best)
+                p = tl.where(ea == idx, -1.0, p)
+            tl.store(count_ptr + t, 0)
 
     @triton.jit
-    def _route_slot(logits_ptr, token, slot, E: tl.constexpr, E_PAD: tl.constexpr, K_TOP: tl.constexpr):
-        # The slot-th choice of the token's top K over the softmax of its gate logits: (expert, weight).
-        e = tl.arange(0, E_PAD)
-        mask_e = e < E
-        logits = tl.load(logits_ptr + token * E + e, mask=mask_e, other=float("-inf"))
-        p = tl.exp(logits - tl.max(logits, axis=0))
-        p = tl.where(mask_e, p / tl.sum(p, axis=0), -1.0)
-        for j in tl.static_range(K_TOP):
-            best = tl.max(p, axis=0)
-            idx = tl.min(tl.where(p == best, e, E_PAD), axis=0)
-            if j == 0:
-                chosen, weight = idx, best
-            else:
-                chosen = tl.where(j == slot, idx, chosen)
-                weight = tl.where(j == slot, best, weight)
-            p = tl.where(e == idx, -1.0, p)
-        return chosen, weight
-
-    @triton.jit
-    def _moe_gate_up_kernel(x_ptr, w13_ptr, sgu_ptr, logits_ptr, h_ptr, D: tl.constexpr, HID: tl.constexpr,
-                            E: tl.constexpr, E_PAD: tl.constexpr, K_TOP: tl.constexpr, N_SHARED: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _moe_gate_up_kernel(x_ptr, w13_ptr, sgu_ptr, ids_ptr, h_ptr, D: tl.constexpr, HID: tl.constexpr,
+                            K_TOP: tl.constexpr, N_SHARED: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr):
         # Slot s of a token: s < K_TOP is its s-th routed expert, the rest are the shared experts, each an
         # expert-wide slice of the shared MLP (its gate rows [j*I, (j+1)*I) and the matching up rows).
         pair = tl.program_id(0)
@@ -143,9 +138,9 @@ if triton is not None:
         slot = pair % (K_TOP + N_SHARED)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = n < HID
-        e, _ = _route_slot(logits_ptr, token, tl.minimum(slot, K_TOP - 1), E, E_PAD, K_TOP)
         if slot < K_TOP:
-            w_gate = w13_ptr + e.to(tl.int64) * (2 * HID * D)
+            e = tl.load(ids_ptr + token * K_TOP + slot).to(tl.int64)
+            w_gate = w13_ptr + e * (2 * HID * D)
             w_up = w_gate + HID * D
         else:
             w_gate = sgu_ptr + (slot - K_TOP).to(tl.int64) * (HID * D)
@@ -165,9 +160,8 @@ if triton is not None:
         tl.store(h_ptr + pair * HID + n, (act * u_r).to(h_ptr.dtype.element_ty), mask=mask_n)
 
     @triton.jit
-    def _moe_down_kernel(h_ptr, w2_ptr, sd_ptr, logits_ptr, y_ptr, D: tl.constexpr, HID: tl.constexpr,
-                         E: tl.constexpr, E_PAD: tl.constexpr, K_TOP: tl.constexpr, N_SHARED: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _moe_down_kernel(h_ptr, w2_ptr, sd_ptr, ids_ptr, wt_ptr, y_ptr, D: tl.constexpr, HID: tl.constexpr,
+                         K_TOP: tl.constexpr, N_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # y[token, slot, n]: a routed slot's bf16 output times its routing weight; a shared slot's partial
         # (float32) product over its slice of the shared MLP's hidden units.
         pair = tl.program_id(0)
@@ -176,9 +170,10 @@ if triton is not None:
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = n < D
         routed = slot < K_TOP
-        e, wt = _route_slot(logits_ptr, token, tl.minimum(slot, K_TOP - 1), E, E_PAD, K_TOP)
+        r_slot = token * K_TOP + tl.minimum(slot, K_TOP - 1)
         if routed:
-            rows = w2_ptr + e.to(tl.int64) * (D * HID) + n[:, None] * HID
+            e = tl.load(ids_ptr + r_slot).to(tl.int64)
+            rows = w2_ptr + e * (D * HID) + n[:, None] * HID
         else:
             rows = sd_ptr + n[:, None] * (N_SHARED * HID) + (slot - K_TOP) * HID
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -188,24 +183,34 @@ if triton is not None:
             hk = tl.load(h_ptr + pair * HID + k, mask=mask_k, other=0.0).to(tl.float32)
             w = tl.load(rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(w * hk[None, :], axis=1)
-        weighted = acc.to(h_ptr.dtype.element_ty).to(tl.float32) * wt
+        weighted = acc.to(h_ptr.dtype.element_ty).to(tl.float32) * tl.load(wt_ptr + r_slot)
         tl.store(y_ptr + pair * D + n, tl.where(routed, weighted, acc), mask=mask_n)
 
 
-ROUTER_BLOCK_E = 4
+ROUTER_BLOCK_E = 1
+MAX_DECODE_TOKENS = 64
+_route_counters: dict[torch.device, torch.Tensor] = {}
 
 
 def moe_decode_ok(n_tokens: int, top_k: int, dim: int, shared: bool) -> bool:
     """Shapes the fused decode MoE handles: a few tokens, the hidden size a multiple of the blocks."""
-    return triton is not None and shared and n_tokens * top_k <= 64 and dim % 512 == 0
+    return triton is not None and shared and n_tokens * top_k <= MAX_DECODE_TOKENS and dim % 512 == 0
+
+
+def _route_counter(device: torch.device) -> torch.Tensor:
+    """Per-token arrival counts of the router's programs; every launch leaves them at zero again."""
+    if device not in _route_counters:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("run the fused MoE once before capturing it in a CUDA graph")
+        _route_counters[device] = torch.zeros(MAX_DECODE_TOKENS, dtype=torch.int32, device=device)
+    return _route_counters[device]
 
 
 @torch.compiler.disable  # launched as is (also inside a CUDA graph); Dynamo compiles the code around it
 def moe_decode(x: torch.Tensor, gate_w: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, shared_gate_up: torch.Tensor,
                shared_down: torch.Tensor, top_k: int) -> torch.Tensor:
-    """The whole MoE block of a few tokens in three kernels: gate logits, then the routed and shared experts side
-    by side (each program takes the softmax and top-k of its token's logits; the shared experts are expert-wide
-    slices of the shared MLP).
+    """The whole MoE block of a few tokens in three kernels: routing (float32 gate logits, softmax, top-k), then
+    the routed and shared experts side by side (the shared ones as expert-wide slices of the shared MLP).
 
     x [N, D] -> y [N, top_k + n_shared, D] float32: rows < top_k are weighted bf16 routed outputs, the rest
     partial sums of the shared MLP; ``y[:, :k].sum(1)`` and ``y[:, k:].sum(1)`` are what ``MoE`` adds.
@@ -216,17 +221,21 @@ def moe_decode(x: torch.Tensor, gate_w: torch.Tensor, w13: torch.Tensor, w2: tor
     slots = top_k + n_shared
     x = x.contiguous()
     logits = torch.empty(n, e, dtype=torch.float32, device=x.device)
-    _router_kernel[(n, triton.cdiv(e, ROUTER_BLOCK_E))](x, gate_w, logits, D=d, E=e, BLOCK_E=ROUTER_BLOCK_E,
-                                                         BLOCK_K=512, num_warps=4)
-    routing = dict(E=e, E_PAD=triton.next_power_of_2(e), K_TOP=top_k, N_SHARED=n_shared)
+    ids = torch.empty(n, top_k, dtype=torch.int32, device=x.device)
+    wts = torch.empty(n, top_k, dtype=torch.float32, device=x.device)
+    _router_kernel[(n, triton.cdiv(e, ROUTER_BLOCK_E))](
+        x, gate_w, logits, _route_counter(x.device), ids, wts, D=d, E=e, E_PAD=triton.next_power_of_2(e),
+        K_TOP=top_k, BLOCK_E=ROUTER_BLOCK_E, BLOCK_K=512, num_warps=4)
     h = torch.empty(n * slots, hid, dtype=x.dtype, device=x.device)
     bn, bk, nw = GATE_UP_CONFIG
     _moe_gate_up_kernel[(n * slots, triton.cdiv(hid, bn))](
-        x, w13, shared_gate_up, logits, h, D=d, HID=hid, **routing, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
+        x, w13, shared_gate_up, ids, h, D=d, HID=hid, K_TOP=top_k, N_SHARED=n_shared, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=nw)
     y = torch.empty(n, slots, d, dtype=torch.float32, device=x.device)
     bn, bk, nw = DOWN_CONFIG
     _moe_down_kernel[(n * slots, triton.cdiv(d, bn))](
-        h, w2, shared_down, logits, y, D=d, HID=hid, **routing, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
+        h, w2, shared_down, ids, wts, y, D=d, HID=hid, K_TOP=top_k, N_SHARED=n_shared, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=nw)
     return y
 
 

@@ -54,6 +54,8 @@ for dtype in (torch.float32, torch.bfloat16):
             got = layer(x)
         results[f"moe_{dtype}_{tokens}"] = rel(got, ref)
 
+results["route_counters_back_to_zero"] = float(all(int(c.abs().sum()) == 0 for c in kernels._route_counters.values()))
+
 # Latent attention: the split-K kernel inside Attention.decode vs the plain matmul-softmax path.
 acfg = LanguageConfig(hidden_size=128, num_attention_heads=16, kv_lora_rank=64, qk_rope_head_dim=16,
                       qk_nope_head_dim=16, v_head_dim=16)
