@@ -141,7 +141,16 @@ def main() -> None:
             setattr(kernels, name, cfg)
             sweep[f"moe_{name}_{cfg}"] = round(1e3 * graph_ms(lambda: block.mlp(x)), 2)
         setattr(kernels, name, default)
-    emit(sweep_us=sweep)
+    wq, wo = block.self_attn.q_kv_a, block.self_attn.o_proj.weight
+    for cfg in ((16, 512, 4), (8, 512, 2), (8, 1024, 4), (4, 512, 1), (16, 256, 4), (32, 512, 8)):
+        kernels.GEMV_CONFIG = cfg
+        sweep[f"gemv_q_kv_a_{cfg}"] = round(1e3 * graph_ms(lambda: kernels.gemv(x, wq)), 2)
+        sweep[f"gemv_o_proj_{cfg}"] = round(1e3 * graph_ms(lambda: kernels.gemv(x, wo)), 2)
+    sweep["cublas_q_kv_a"] = round(1e3 * graph_ms(lambda: torch.nn.functional.linear(x, wq)), 2)
+    sweep["cublas_o_proj"] = round(1e3 * graph_ms(lambda: torch.nn.functional.linear(x, wo)), 2)
+    kernels.GEMV_CONFIG = (16, 512, 4)
+    checks = {"gemv_q_kv_a": rel(kernels.gemv(x, wq), torch.nn.functional.linear(x, wq))}
+    emit(sweep_us=sweep, gemv_rel_err=checks)
 
     t1 = time.perf_counter()
     engine.pos.zero_()

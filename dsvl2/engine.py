@@ -28,6 +28,7 @@ from .processor import Encoded, Processor
 from .sampling import (
     RequestRng,
     SamplingParams,
+    argmax_rows,
     draw_noise,
     sample,
     sample_top_candidates,
@@ -215,7 +216,7 @@ class Engine:
         """One decode step for every row: model, sampler, bookkeeping; no host synchronisation."""
         logits = self.model.language.decode(self.tokens, self.pos, self.cache)
         if mode == "greedy":
-            nxt = logits.argmax(-1)
+            nxt = argmax_rows(logits)
         elif mode == "top":
             nxt = sample_top_candidates(logits, self.seen, self.temperature, self.top_p, self.top_k, self.penalty,
                                         self.noise, TOP_CANDIDATES)

@@ -322,3 +322,41 @@ def latent_attention(q_lat: torch.Tensor, q_rope: torch.Tensor, cache: torch.Ten
     block_r = min(rank, 128)
     _attention_combine_kernel[(b, h, rank // block_r)](acc, m, lse, out, H=h, R=rank, NSPLIT=n_split, BLOCK_R=block_r)
     return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, y_ptr, NOUT: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+        # y[t, n] = bf16(sum_k x[t, k] w[n, k]) for a block of output rows n of token t (float32 accumulation).
+        t = tl.program_id(1)
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = n < NOUT
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            xk = tl.load(x_ptr + t * K + k).to(tl.float32)
+            w = tl.load(w_ptr + n[:, None].to(tl.int64) * K + k[None, :], mask=mask_n[:, None], other=0.0)
+            acc += tl.sum(w.to(tl.float32) * xk[None, :], axis=1)
+        tl.store(y_ptr + t * NOUT + n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
+GEMV_CONFIG = (16, 512, 4)  # BLOCK_N, BLOCK_K, num_warps
+
+
+def gemv_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """A few rows times a weight whose input width is a multiple of the block: the matrix-vector kernel."""
+    return available(x) and x.numel() // x.shape[-1] <= 8 and w.shape[1] % GEMV_CONFIG[1] == 0
+
+
+@torch.compiler.disable  # launched as is (also inside a CUDA graph); Dynamo compiles the code around it
+def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, w)`` for a few rows: x [..., K], w [N, K] contiguous -> [..., N] in x's dtype."""
+    k = x.shape[-1]
+    rows = x.numel() // k
+    y = torch.empty(*x.shape[:-1], w.shape[0], dtype=x.dtype, device=x.device)
+    bn, bk, nw = GEMV_CONFIG
+    _gemv_kernel[(triton.cdiv(w.shape[0], bn), rows)](x.contiguous(), w, y, NOUT=w.shape[0], K=k, BLOCK_N=bn,
+                                                      BLOCK_K=bk, num_warps=nw)
+    return y

@@ -89,7 +89,8 @@ class Attention(nn.Module):
         """x [B, T, D] -> q_nope [B, T, H, nope], q_rope [B, T, H, rope], latent [B, T, rank + rope]"""
         b, t, _ = x.shape
         if self.q_kv_a.numel():
-            q, kv = F.linear(x, self.q_kv_a).split([self.q_proj.weight.shape[0], self.rank + self.rope], dim=-1)
+            qkv = kernels.gemv(x, self.q_kv_a) if kernels.gemv_ok(x, self.q_kv_a) else F.linear(x, self.q_kv_a)
+            q, kv = qkv.split([self.q_proj.weight.shape[0], self.rank + self.rope], dim=-1)
         else:
             q, kv = self.q_proj(x), self.kv_a_proj_with_mqa(x)
         q_nope, q_rope = q.view(b, t, self.h, self.nope + self.rope).split([self.nope, self.rope], dim=-1)
@@ -139,7 +140,8 @@ class Attention(nn.Module):
             probs = scores.softmax(dim=-1).to(x.dtype)
             o_lat = torch.matmul(probs, cache[..., : self.rank])  # [B, H, rank]
         out = torch.einsum("bhr,hvr->bhv", o_lat, w_uv).reshape(b, 1, self.h * self.vdim)
-        return self.o_proj(out)
+        w_o = self.o_proj.weight
+        return kernels.gemv(out, w_o) if kernels.gemv_ok(out, w_o) else self.o_proj(out)
 
 
 class DecoderLayer(nn.Module):

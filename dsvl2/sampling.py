@@ -97,6 +97,17 @@ def draw_noise(
     return out
 
 
+def argmax_rows(logits: Tensor, groups: int = 128) -> Tensor:
+    """``logits.argmax(-1)`` for [B, V] (the first index of the maximum), in two parallel stages: a single-row
+    reduction over a whole vocabulary runs on one block of the GPU, the grouped one on ``groups`` blocks."""
+    b, v = logits.shape
+    if v % groups:
+        return logits.argmax(-1)
+    best, index = logits.view(b, groups, v // groups).max(-1)  # per group: its maximum and first position
+    group = best.argmax(-1, keepdim=True)  # the first group holding the row's maximum
+    return (group * (v // groups) + index.gather(-1, group))[:, 0]
+
+
 def seen_from_prompt(prompt_ids: Tensor | Sequence[int], vocab_size: int) -> Tensor:
     """Bool [V]: True for every id in the prompt (ids int64 [L]); the penalty applies to them."""
     ids = torch.as_tensor(prompt_ids, dtype=torch.int64)
@@ -177,7 +188,7 @@ def sample(
     # for all practical purposes and filtered tokens (p = 0) at 0, below every kept token.
     drawn = (probs / noise.clamp_min(torch.finfo(torch.float32).tiny)).argmax(-1)
     # Greedy rows: argmax of the raw logits, no penalty, no noise.
-    return torch.where(temperature <= 0, logits.float().argmax(-1), drawn)
+    return torch.where(temperature <= 0, argmax_rows(logits.float()), drawn)
 
 
 def sample_top_candidates(
@@ -200,4 +211,4 @@ def sample_top_candidates(
     values, index = apply_repetition_penalty(logits, seen, penalty).topk(k_max, dim=-1)  # [B, k_max]
     probs = filter_logits(values, safe_t, top_p, top_k).softmax(-1)
     drawn = index.gather(-1, (probs / noise[:, :k_max].clamp_min(torch.finfo(torch.float32).tiny)).argmax(-1, True))
-    return torch.where(greedy, logits.argmax(-1), drawn[:, 0])
+    return torch.where(greedy, argmax_rows(logits), drawn[:, 0])

@@ -54,6 +54,12 @@ for dtype in (torch.float32, torch.bfloat16):
             got = layer(x)
         results[f"moe_{dtype}_{tokens}"] = rel(got, ref)
 
+# The matrix-vector kernel for decode projections vs F.linear (1000 outputs: not a multiple of the block).
+for dtype in (torch.float32, torch.bfloat16):
+    x = torch.randn(3, 1024, dtype=dtype)
+    w = (0.05 * torch.randn(1000, 1024)).to(dtype)
+    results[f"gemv_{dtype}"] = rel(kernels.gemv(x, w), torch.nn.functional.linear(x, w))
+
 results["route_counters_back_to_zero"] = float(all(int(c.abs().sum()) == 0 for c in kernels._route_counters.values()))
 
 # Latent attention: the split-K kernel inside Attention.decode vs the plain matmul-softmax path.

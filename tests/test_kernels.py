@@ -44,3 +44,8 @@ def test_latent_attention_kernel_equals_the_plain_attention(errors: dict[str, fl
     # Three rows at positions 0, 5 and 1117 (longer than the splits x block), float32.
     assert errors["attention_torch.float32"] < 1e-5
     assert errors["attention_cache_equal"] == 1.0
+
+
+def test_gemv_kernel_equals_linear(errors: dict[str, float]) -> None:
+    assert errors["gemv_torch.float32"] < 1e-5
+    assert errors["gemv_torch.bfloat16"] < 1e-2  # one bf16 rounding of the outputs, different summation order

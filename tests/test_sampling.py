@@ -269,3 +269,17 @@ def test_top_candidates_sampler_draws_from_the_same_distribution() -> None:
     assert set(tokens.unique().tolist()) <= set(expected.nonzero().flatten().tolist())
     greedy = sample_top_candidates(base, seen, torch.zeros(1), *params[1:], noise[:1], 64)
     assert greedy.item() == base.argmax().item()
+
+
+def test_two_stage_argmax_equals_argmax_including_ties() -> None:
+    from dsvl2.sampling import argmax_rows
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 102400, generator=g)
+    logits[1, 5000] = logits[1, 90000] = 50.0  # a tie across groups: the first index wins
+    logits[2, 801] = logits[2, 802] = 50.0  # a tie inside a group
+    logits[3] = 0.0  # all equal
+    got = argmax_rows(logits)
+    assert got.tolist() == logits.argmax(-1).tolist() == [got[0].item(), 5000, 801, 0]
+    odd = torch.randn(2, 1000, generator=g)  # not a multiple of the groups: plain argmax
+    assert argmax_rows(odd).tolist() == odd.argmax(-1).tolist()
