@@ -129,7 +129,7 @@ def main() -> None:
             kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK_S = splits, bs
             sweep[f"attention_{splits}x{bs}"] = round(1e3 * graph_ms(
                 lambda: kernels.latent_attention(q_lat, q_rope, engine.cache[1], engine.pos, 0.07)), 2)
-    kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK_S = 32, 32
+    kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK_S = 64, 32
     for be in (1, 2, 4, 8):
         kernels.ROUTER_BLOCK_E = be
         sweep[f"moe_router_block_{be}"] = round(1e3 * graph_ms(lambda: block.mlp(x)), 2)
@@ -148,7 +148,7 @@ def main() -> None:
         sweep[f"gemv_o_proj_{cfg}"] = round(1e3 * graph_ms(lambda: kernels.gemv(x, wo)), 2)
     sweep["cublas_q_kv_a"] = round(1e3 * graph_ms(lambda: torch.nn.functional.linear(x, wq)), 2)
     sweep["cublas_o_proj"] = round(1e3 * graph_ms(lambda: torch.nn.functional.linear(x, wo)), 2)
-    kernels.GEMV_CONFIG = (16, 512, 4)
+    kernels.GEMV_CONFIG = (4, 512, 1)
     checks = {"gemv_q_kv_a": rel(kernels.gemv(x, wq), torch.nn.functional.linear(x, wq))}
     emit(sweep_us=sweep, gemv_rel_err=checks)
 

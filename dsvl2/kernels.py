@@ -300,7 +300,7 @@ def latent_attention_ok(heads: int, rank: int, rope: int) -> bool:
     return triton is not None and all(n >= 16 and n & (n - 1) == 0 for n in (heads, rank, rope))
 
 
-ATTENTION_SPLITS, ATTENTION_BLOCK_S = 32, 32
+ATTENTION_SPLITS, ATTENTION_BLOCK_S = 64, 32  # from the sweep in benchmarks/profile_decode.py (H100)
 
 
 @torch.compiler.disable  # launched as is (also inside a CUDA graph); Dynamo compiles the code around it
@@ -342,7 +342,7 @@ if triton is not None:
         tl.store(y_ptr + t * NOUT + n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
-GEMV_CONFIG = (16, 512, 4)  # BLOCK_N, BLOCK_K, num_warps
+GEMV_CONFIG = (4, 512, 1)  # BLOCK_N, BLOCK_K, num_warps: from the sweep in benchmarks/profile_decode.py (H100)
 
 
 def gemv_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
