@@ -206,7 +206,7 @@ def _route_counter(device: torch.device) -> torch.Tensor:
     return _route_counters[device]
 
 
-@torch.compiler.disable  # launched as is (also inside a CUDA graph); Dynamo compiles the code around it
+@torch.library.custom_op("dsvl2::moe_decode", mutates_args=())  # opaque to torch.compile: see the end
 def moe_decode(x: torch.Tensor, gate_w: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, shared_gate_up: torch.Tensor,
                shared_down: torch.Tensor, top_k: int) -> torch.Tensor:
     """The whole MoE block of a few tokens in three kernels: routing (float32 gate logits, softmax, top-k), then
@@ -303,7 +303,7 @@ def latent_attention_ok(heads: int, rank: int, rope: int) -> bool:
 ATTENTION_SPLITS, ATTENTION_BLOCK_S = 64, 32  # from the sweep in benchmarks/profile_decode.py (H100)
 
 
-@torch.compiler.disable  # launched as is (also inside a CUDA graph); Dynamo compiles the code around it
+@torch.library.custom_op("dsvl2::latent_attention", mutates_args=())
 def latent_attention(q_lat: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor,
                      scale: float) -> torch.Tensor:
     """q_lat [B, H, rank], q_rope [B, H, rope] (absorbed query), cache [B, S, rank + rope], pos [B] -> [B, H, rank]
@@ -350,7 +350,7 @@ def gemv_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     return available(x) and x.numel() // x.shape[-1] <= 8 and w.shape[1] % GEMV_CONFIG[1] == 0
 
 
-@torch.compiler.disable  # launched as is (also inside a CUDA graph); Dynamo compiles the code around it
+@torch.library.custom_op("dsvl2::gemv", mutates_args=())
 def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, w)`` for a few rows: x [..., K], w [N, K] contiguous -> [..., N] in x's dtype."""
     k = x.shape[-1]
@@ -360,3 +360,23 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     _gemv_kernel[(triton.cdiv(w.shape[0], bn), rows)](x.contiguous(), w, y, NOUT=w.shape[0], K=k, BLOCK_N=bn,
                                                       BLOCK_K=bk, num_warps=nw)
     return y
+
+
+# The three decode-time kernels are registered as custom operators, so torch.compile keeps each decoder layer
+# one graph around them (the element-wise code between them fuses) instead of breaking the graph at every
+# launch; these fake implementations give the compiler their output shapes.
+
+
+@moe_decode.register_fake
+def _(x, gate_w, w13, w2, shared_gate_up, shared_down, top_k):
+    return x.new_empty(x.shape[0], top_k + shared_down.shape[1] // w2.shape[2], x.shape[1], dtype=torch.float32)
+
+
+@latent_attention.register_fake
+def _(q_lat, q_rope, cache, pos, scale):
+    return torch.empty_like(q_lat)
+
+
+@gemv.register_fake
+def _(x, w):
+    return x.new_empty(*x.shape[:-1], w.shape[0])

@@ -11,7 +11,7 @@ import torch
 
 from dsvl2 import kernels, moe
 from dsvl2.config import LanguageConfig
-from dsvl2.language import Attention, rope_table
+from dsvl2.language import Attention, DecoderLayer, rope_table
 
 torch.manual_seed(0)
 results: dict[str, float] = {}
@@ -82,5 +82,27 @@ with mock.patch.object(kernels, "available", lambda t: True):
     got = attn.decode(x, cos_sin, got_cache, pos)
 results["attention_torch.float32"] = rel(got, ref)
 results["attention_cache_equal"] = float(torch.equal(ref_cache, got_cache))
+
+# A whole MoE decoder layer's decode step through torch.compile with fullgraph=True: the kernels are custom
+# operators, so Dynamo traces the layer as one graph (no breaks), and the result equals the plain step.
+lcfg = LanguageConfig(hidden_size=512, num_attention_heads=16, kv_lora_rank=64, qk_rope_head_dim=16,
+                      qk_nope_head_dim=16, v_head_dim=16, moe_intermediate_size=64, n_routed_experts=8,
+                      num_experts_per_tok=2, n_shared_experts=2)
+dlayer = DecoderLayer(lcfg, 1)
+for name, p in dlayer.named_parameters():
+    p.data.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name else 0.05)
+for module in dlayer.modules():
+    if hasattr(module, "fuse"):
+        module.fuse()
+table = rope_table(64, lcfg.qk_rope_head_dim, lcfg.rope_theta, "cpu")
+pos = torch.tensor([7, 30])
+x = torch.randn(2, 1, lcfg.hidden_size)
+cache = torch.randn(2, 64, lcfg.kv_lora_rank + lcfg.qk_rope_head_dim)
+with torch.inference_mode():
+    ref = dlayer.decode(x, table[pos][:, None], cache.clone(), pos)
+    with mock.patch.object(kernels, "available", lambda t: True):
+        step = torch.compile(dlayer.decode, backend="eager", fullgraph=True)
+        got = step(x, table[pos][:, None], cache.clone(), pos)
+results["layer_fullgraph_float32"] = rel(got, ref)
 
 print(json.dumps(results))

@@ -49,3 +49,8 @@ def test_latent_attention_kernel_equals_the_plain_attention(errors: dict[str, fl
 def test_gemv_kernel_equals_linear(errors: dict[str, float]) -> None:
     assert errors["gemv_torch.float32"] < 1e-5
     assert errors["gemv_torch.bfloat16"] < 1e-2  # one bf16 rounding of the outputs, different summation order
+
+
+def test_decode_layer_compiles_as_one_graph_around_the_kernels(errors: dict[str, float]) -> None:
+    # torch.compile(fullgraph=True) raises on any graph break; the compiled step equals the plain one.
+    assert errors["layer_fullgraph_float32"] < 1e-5
