@@ -280,37 +280,73 @@ if triton is not None:
         tl.store(l_ptr + part * H + h, l_i)
 
     @triton.jit
-    def _attention_combine_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, H: tl.constexpr, R: tl.constexpr,
-                                  NSPLIT: tl.constexpr, BLOCK_R: tl.constexpr):
-        # Merge the splits of row b, head h, for a block of the rank (an empty split has m = -inf, weight 0).
+    def _attention_out_kernel(acc_ptr, m_ptr, l_ptr, w_ptr, out_ptr, H: tl.constexpr, R: tl.constexpr,
+                              NSPLIT: tl.constexpr, NOPE: tl.constexpr, V: tl.constexpr, BLOCK_V: tl.constexpr,
+                              BLOCK_R: tl.constexpr):
+        # Row b, head h, a block of value dims: merge the splits into the latent output o (an empty split has
+        # m = -inf and weighs nothing), round it to bf16 as the plain path does, and apply kv_b's value rows:
+        # out[v] = sum_r o[r] * kv_b[h * (NOPE + V) + NOPE + v, r].
         b = tl.program_id(0)
         h = tl.program_id(1)
+        v = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
         j = tl.arange(0, NSPLIT)
-        r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
         m = tl.load(m_ptr + (b * NSPLIT + j) * H + h)
         w = tl.exp(m - tl.max(m, axis=0))
         total = tl.sum(tl.load(l_ptr + (b * NSPLIT + j) * H + h) * w, axis=0)
-        acc = tl.load(acc_ptr + ((b * NSPLIT + j[:, None]) * H + h) * R + r[None, :])
-        out = tl.sum(acc * w[:, None], axis=0) / total
-        tl.store(out_ptr + (b * H + h) * R + r, out.to(out_ptr.dtype.element_ty))
+        out = tl.zeros([BLOCK_V], dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            acc = tl.load(acc_ptr + ((b * NSPLIT + j[:, None]) * H + h) * R + r[None, :])  # [NSPLIT, BLOCK_R]
+            o = (tl.sum(acc * w[:, None], axis=0) / total).to(out_ptr.dtype.element_ty).to(tl.float32)
+            wv = tl.load(w_ptr + (h * (NOPE + V) + NOPE + v[:, None]) * R + r[None, :]).to(tl.float32)
+            out += tl.sum(wv * o[None, :], axis=1)
+        tl.store(out_ptr + (b * H + h) * V + v, out.to(out_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _absorb_query_kernel(q_ptr, w_ptr, out_ptr, stride_qb, stride_qh, H: tl.constexpr, R: tl.constexpr,
+                             NOPE: tl.constexpr, V: tl.constexpr, BLOCK_R: tl.constexpr):
+        # q_lat[b, h, r] = sum_d q_nope[b, h, d] * kv_b[h * (NOPE + V) + d, r] for a block of r.
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+        d = tl.arange(0, NOPE)
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d).to(tl.float32)
+        w = tl.load(w_ptr + (h * (NOPE + V) + d[:, None]) * R + r[None, :]).to(tl.float32)  # [NOPE, BLOCK_R]
+        tl.store(out_ptr + (b * H + h) * R + r, tl.sum(w * q[:, None], axis=0).to(out_ptr.dtype.element_ty))
 
 
-def latent_attention_ok(heads: int, rank: int, rope: int) -> bool:
-    """The kernel's shape rules: power-of-two sizes of at least 16 (tensor-core tiles)."""
-    return triton is not None and all(n >= 16 and n & (n - 1) == 0 for n in (heads, rank, rope))
+def latent_attention_ok(heads: int, rank: int, rope: int, nope: int, vdim: int) -> bool:
+    """The kernels' shape rules: power-of-two sizes of at least 16 (tensor-core tiles, block shapes)."""
+    return triton is not None and all(n >= 16 and n & (n - 1) == 0 for n in (heads, rank, rope, nope, vdim))
 
 
 ATTENTION_SPLITS, ATTENTION_BLOCK_S = 64, 32  # from the sweep in benchmarks/profile_decode.py (H100)
 
 
+@torch.library.custom_op("dsvl2::absorb_query", mutates_args=())
+def absorb_query(q_nope: torch.Tensor, kv_b: torch.Tensor, vdim: int) -> torch.Tensor:
+    """q_nope [B, H, nope] (any strides, last one 1), kv_b [H * (nope + v), rank] -> q_lat [B, H, rank]: the
+    query taken into the latent space through kv_b's key rows (``einsum("bhd,hdr->bhr")`` of the plain path)."""
+    b, h, nope = q_nope.shape
+    rank = kv_b.shape[1]
+    out = torch.empty(b, h, rank, dtype=q_nope.dtype, device=q_nope.device)
+    block_r = min(rank, 64)
+    _absorb_query_kernel[(b, h, rank // block_r)](q_nope, kv_b, out, q_nope.stride(0), q_nope.stride(1), H=h,
+                                                  R=rank, NOPE=nope, V=vdim, BLOCK_R=block_r, num_warps=4)
+    return out
+
+
 @torch.library.custom_op("dsvl2::latent_attention", mutates_args=())
 def latent_attention(q_lat: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """q_lat [B, H, rank], q_rope [B, H, rope] (absorbed query), cache [B, S, rank + rope], pos [B] -> [B, H, rank]
+                     kv_b: torch.Tensor, nope: int, scale: float) -> torch.Tensor:
+    """q_lat [B, H, rank], q_rope [B, H, rope] (absorbed query), cache [B, S, rank + rope], pos [B], kv_b
+    [H * (nope + v), rank] -> [B, H, v]: attention over the latent cache, then kv_b's value rows.
 
-    out[b, h] = softmax_s((q_lat . c_s + q_rope . k_s) * scale over s <= pos[b]) @ c_s, with c_s = cache[b, s, :rank]
+    o[b, h] = softmax_s((q_lat . c_s + q_rope . k_s) * scale over s <= pos[b]) @ c_s with c_s = cache[b, s, :rank];
+    out[b, h] = W_uv[h] @ bf16(o[b, h]).
     """
     b, h, rank = q_lat.shape
+    vdim = kv_b.shape[0] // h - nope
     n_split = ATTENTION_SPLITS
     acc = torch.empty(b, n_split, h, rank, dtype=torch.float32, device=q_lat.device)
     m = torch.empty(b, n_split, h, dtype=torch.float32, device=q_lat.device)
@@ -318,9 +354,10 @@ def latent_attention(q_lat: torch.Tensor, q_rope: torch.Tensor, cache: torch.Ten
     _latent_attention_kernel[(b, n_split)](
         q_lat.contiguous(), q_rope.contiguous(), cache, pos, acc, m, lse, cache.stride(0), cache.stride(1), scale,
         H=h, R=rank, P=q_rope.shape[-1], NSPLIT=n_split, BLOCK_S=ATTENTION_BLOCK_S)
-    out = torch.empty(b, h, rank, dtype=q_lat.dtype, device=q_lat.device)
-    block_r = min(rank, 128)
-    _attention_combine_kernel[(b, h, rank // block_r)](acc, m, lse, out, H=h, R=rank, NSPLIT=n_split, BLOCK_R=block_r)
+    out = torch.empty(b, h, vdim, dtype=q_lat.dtype, device=q_lat.device)
+    block_v = min(vdim, 32)
+    _attention_out_kernel[(b, h, vdim // block_v)](acc, m, lse, kv_b, out, H=h, R=rank, NSPLIT=n_split, NOPE=nope,
+                                                   V=vdim, BLOCK_V=block_v, BLOCK_R=min(rank, 64), num_warps=4)
     return out
 
 
@@ -373,8 +410,13 @@ def _(x, gate_w, w13, w2, shared_gate_up, shared_down, top_k):
 
 
 @latent_attention.register_fake
-def _(q_lat, q_rope, cache, pos, scale):
-    return torch.empty_like(q_lat)
+def _(q_lat, q_rope, cache, pos, kv_b, nope, scale):
+    return q_lat.new_empty(q_lat.shape[0], q_lat.shape[1], kv_b.shape[0] // q_lat.shape[1] - nope)
+
+
+@absorb_query.register_fake
+def _(q_nope, kv_b, vdim):
+    return q_nope.new_empty(q_nope.shape[0], q_nope.shape[1], kv_b.shape[1])
 
 
 @gemv.register_fake
