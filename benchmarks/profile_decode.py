@@ -129,7 +129,7 @@ def main() -> None:
         for bs in (16, 32, 64):
             kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK_S = splits, bs
             sweep[f"attention_{splits}x{bs}"] = round(1e3 * graph_ms(
-                lambda: kernels.latent_attention(q_lat, q_rope, engine.cache[1], engine.pos, kv_b, 128, 0.07)), 2)
+                lambda: kernels.latent_attention(q_lat, q_rope, engine.cache[1], engine.pos, 0.07)), 2)
     q_nope = torch.randn(1, 16, 128, device="cuda", dtype=torch.bfloat16)
     sweep["absorb_query"] = round(1e3 * graph_ms(lambda: kernels.absorb_query(q_nope, kv_b, 128)), 2)
     w_uk = kv_b.view(16, 256, 512)[:, :128]

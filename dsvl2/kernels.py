@@ -280,27 +280,19 @@ if triton is not None:
         tl.store(l_ptr + part * H + h, l_i)
 
     @triton.jit
-    def _attention_out_kernel(acc_ptr, m_ptr, l_ptr, w_ptr, out_ptr, H: tl.constexpr, R: tl.constexpr,
-                              NSPLIT: tl.constexpr, NOPE: tl.constexpr, V: tl.constexpr, BLOCK_V: tl.constexpr,
-                              BLOCK_R: tl.constexpr):
-        # Row b, head h, a block of value dims: merge the splits into the latent output o (an empty split has
-        # m = -inf and weighs nothing), round it to bf16 as the plain path does, and apply kv_b's value rows:
-        # out[v] = sum_r o[r] * kv_b[h * (NOPE + V) + NOPE + v, r].
+    def _attention_combine_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, H: tl.constexpr, R: tl.constexpr,
+                                  NSPLIT: tl.constexpr, BLOCK_R: tl.constexpr):
+        # Merge the splits of row b, head h, for a block of the rank (an empty split has m = -inf, weight 0).
         b = tl.program_id(0)
         h = tl.program_id(1)
-        v = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
         j = tl.arange(0, NSPLIT)
+        r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
         m = tl.load(m_ptr + (b * NSPLIT + j) * H + h)
         w = tl.exp(m - tl.max(m, axis=0))
         total = tl.sum(tl.load(l_ptr + (b * NSPLIT + j) * H + h) * w, axis=0)
-        out = tl.zeros([BLOCK_V], dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
-            acc = tl.load(acc_ptr + ((b * NSPLIT + j[:, None]) * H + h) * R + r[None, :])  # [NSPLIT, BLOCK_R]
-            o = (tl.sum(acc * w[:, None], axis=0) / total).to(out_ptr.dtype.element_ty).to(tl.float32)
-            wv = tl.load(w_ptr + (h * (NOPE + V) + NOPE + v[:, None]) * R + r[None, :]).to(tl.float32)
-            out += tl.sum(wv * o[None, :], axis=1)
-        tl.store(out_ptr + (b * H + h) * V + v, out.to(out_ptr.dtype.element_ty))
+        acc = tl.load(acc_ptr + ((b * NSPLIT + j[:, None]) * H + h) * R + r[None, :])
+        out = tl.sum(acc * w[:, None], axis=0) / total
+        tl.store(out_ptr + (b * H + h) * R + r, out.to(out_ptr.dtype.element_ty))
 
     @triton.jit
     def _absorb_query_kernel(q_ptr, w_ptr, out_ptr, stride_qb, stride_qh, H: tl.constexpr, R: tl.constexpr,
@@ -338,15 +330,12 @@ def absorb_query(q_nope: torch.Tensor, kv_b: torch.Tensor, vdim: int) -> torch.T
 
 @torch.library.custom_op("dsvl2::latent_attention", mutates_args=())
 def latent_attention(q_lat: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor,
-                     kv_b: torch.Tensor, nope: int, scale: float) -> torch.Tensor:
-    """q_lat [B, H, rank], q_rope [B, H, rope] (absorbed query), cache [B, S, rank + rope], pos [B], kv_b
-    [H * (nope + v), rank] -> [B, H, v]: attention over the latent cache, then kv_b's value rows.
+                     scale: float) -> torch.Tensor:
+    """q_lat [B, H, rank], q_rope [B, H, rope] (absorbed query), cache [B, S, rank + rope], pos [B] -> [B, H, rank]
 
-    o[b, h] = softmax_s((q_lat . c_s + q_rope . k_s) * scale over s <= pos[b]) @ c_s with c_s = cache[b, s, :rank];
-    out[b, h] = W_uv[h] @ bf16(o[b, h]).
+    out[b, h] = softmax_s((q_lat . c_s + q_rope . k_s) * scale over s <= pos[b]) @ c_s, with c_s = cache[b, s, :rank]
     """
     b, h, rank = q_lat.shape
-    vdim = kv_b.shape[0] // h - nope
     n_split = ATTENTION_SPLITS
     acc = torch.empty(b, n_split, h, rank, dtype=torch.float32, device=q_lat.device)
     m = torch.empty(b, n_split, h, dtype=torch.float32, device=q_lat.device)
@@ -354,10 +343,9 @@ def latent_attention(q_lat: torch.Tensor, q_rope: torch.Tensor, cache: torch.Ten
     _latent_attention_kernel[(b, n_split)](
         q_lat.contiguous(), q_rope.contiguous(), cache, pos, acc, m, lse, cache.stride(0), cache.stride(1), scale,
         H=h, R=rank, P=q_rope.shape[-1], NSPLIT=n_split, BLOCK_S=ATTENTION_BLOCK_S)
-    out = torch.empty(b, h, vdim, dtype=q_lat.dtype, device=q_lat.device)
-    block_v = min(vdim, 32)
-    _attention_out_kernel[(b, h, vdim // block_v)](acc, m, lse, kv_b, out, H=h, R=rank, NSPLIT=n_split, NOPE=nope,
-                                                   V=vdim, BLOCK_V=block_v, BLOCK_R=min(rank, 64), num_warps=4)
+    out = torch.empty(b, h, rank, dtype=q_lat.dtype, device=q_lat.device)
+    block_r = min(rank, 128)
+    _attention_combine_kernel[(b, h, rank // block_r)](acc, m, lse, out, H=h, R=rank, NSPLIT=n_split, BLOCK_R=block_r)
     return out
 
 
@@ -410,8 +398,8 @@ def _(x, gate_w, w13, w2, shared_gate_up, shared_down, top_k):
 
 
 @latent_attention.register_fake
-def _(q_lat, q_rope, cache, pos, kv_b, nope, scale):
-    return q_lat.new_empty(q_lat.shape[0], q_lat.shape[1], kv_b.shape[0] // q_lat.shape[1] - nope)
+def _(q_lat, q_rope, cache, pos, scale):
+    return torch.empty_like(q_lat)
 
 
 @absorb_query.register_fake

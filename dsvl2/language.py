@@ -127,16 +127,13 @@ class Attention(nn.Module):
         q_nope, q_rope, latent = self._project(x, cos_sin)
         rows = torch.arange(b, device=x.device)
         cache[rows, pos] = latent[:, 0]
+        w = self.kv_b_proj.weight.view(self.h, self.nope + self.vdim, self.rank)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]  # [H, nope, rank], [H, v, rank]
         if kernels.available(x) and kernels.latent_attention_ok(self.h, self.rank, self.rope, self.nope, self.vdim):
-            # Three kernels: the query into the latent space, attention over the cache up to pos only, and the
-            # value projection applied while merging the attention's splits.
-            w = self.kv_b_proj.weight
-            q_lat = kernels.absorb_query(q_nope[:, 0], w, self.vdim)
-            out = kernels.latent_attention(q_lat, q_rope[:, 0], cache, pos, w, self.nope, self.scale)
-            out = out.reshape(b, 1, self.h * self.vdim)
+            # The query into the latent space, then attention over the cache up to pos only.
+            q_lat = kernels.absorb_query(q_nope[:, 0], self.kv_b_proj.weight, self.vdim)  # [B, H, rank]
+            o_lat = kernels.latent_attention(q_lat, q_rope[:, 0], cache, pos, self.scale)
         else:
-            w = self.kv_b_proj.weight.view(self.h, self.nope + self.vdim, self.rank)
-            w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]  # [H, nope, rank], [H, v, rank]
             q_lat = torch.einsum("bhd,hdr->bhr", q_nope[:, 0], w_uk)  # [B, H, rank]
             q_full = torch.cat([q_lat, q_rope[:, 0]], dim=-1)  # [B, H, rank + rope]
             scores = torch.matmul(q_full, cache.transpose(1, 2)).float() * self.scale  # [B, H, S]
@@ -144,7 +141,7 @@ class Attention(nn.Module):
             scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
             probs = scores.softmax(dim=-1).to(x.dtype)
             o_lat = torch.matmul(probs, cache[..., : self.rank])  # [B, H, rank]
-            out = torch.einsum("bhr,hvr->bhv", o_lat, w_uv).reshape(b, 1, self.h * self.vdim)
+        out = torch.einsum("bhr,hvr->bhv", o_lat, w_uv).reshape(b, 1, self.h * self.vdim)
         w_o = self.o_proj.weight
         return kernels.gemv(out, w_o) if kernels.gemv_ok(out, w_o) else self.o_proj(out)
 

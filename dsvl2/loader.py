@@ -113,6 +113,65 @@ def load_model(ckpt: str | Path, device: str | torch.device = "cpu", dtype: torc
         model = DeepseekVL2(cfg)
     model.eval().requires_grad_(False)
     params = dict(model.named_parameters())
+    stacked: dict[str, torch.Tensor] = {}
+
+    def put(target: str, slot: tuple[int, int] | None, src: torch.Tensor) -> None:
+        if slot is None:
+            _assign(model, target, src.to(device=device, dtype=dtype))
+            return
+        if target not in stacked:
+            stacked[target] = torch.empty(params[target].shape, device=device, dtype=dtype)
+        _expert_rows(stacked[target], slot, src.shape[0]).copy_(src)
+
+    n_bytes = _fill(params, ckpt, put)
+    for target, tensor in stacked.items():
+        _assign(model, target, tensor)
+    model.finish_loading()
+    log(f"loaded {n_bytes / 1e9:.2f} GB from {ckpt} to {device} as {dtype} in {time.perf_counter() - t0:.1f} s")
+    return model
+
+
+def allocate_model(ckpt: str | Path, device: str | torch.device, dtype: torch.dtype = torch.bfloat16) -> DeepseekVL2:
+    """The model a checkpoint's config describes, on ``device``, zero-filled and ready to run (every value
+    finite), for ``load_into``: the service compiles and warms up on it while the weights stream in."""
+    cfg = ModelConfig.from_file(Path(ckpt) / "config.json")
+    with torch.device("meta"):
+        model = DeepseekVL2(cfg)
+    model = model.to(dtype).to_empty(device=device).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    model.finish_loading()
+    return model
+
+
+def load_into(model: DeepseekVL2, ckpt: str | Path, log: Callable[[str], None] = lambda s: None) -> None:
+    """Copy a checkpoint into an allocated model's parameters in place, with ``load_model``'s checks. Safe
+    to run in a thread while the model runs: the copies go through a stream of their own, synchronised at
+    the end."""
+    ckpt = Path(ckpt)
+    t0 = time.perf_counter()
+    params = dict(model.named_parameters())  # after finish_loading: views into the side-by-side stacks too
+
+    def put(target: str, slot: tuple[int, int] | None, src: torch.Tensor) -> None:
+        dst = params[target] if slot is None else _expert_rows(params[target], slot, src.shape[0])
+        dst.copy_(src)
+
+    device = model.device
+    if device.type == "cuda":
+        stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(stream):
+            n_bytes = _fill(params, ckpt, put)
+        stream.synchronize()
+    else:
+        n_bytes = _fill(params, ckpt, put)
+    log(f"loaded {n_bytes / 1e9:.2f} GB from {ckpt} into the model on {device} in {time.perf_counter() - t0:.1f} s")
+
+
+def _fill(params: dict[str, nn.Parameter], ckpt: Path,
+          put: Callable[[str, tuple[int, int] | None, torch.Tensor], None]) -> int:
+    """Check every checkpoint tensor against the model and hand it to ``put(parameter name, (expert, row
+    block) or None, tensor)``; every parameter must be filled. Returns the bytes read."""
     # What must be filled: every plain parameter, and every (expert, row block) of a stacked one.
     unfilled: set = set()
     for n, p in params.items():
@@ -121,7 +180,6 @@ def load_model(ckpt: str | Path, device: str | torch.device = "cpu", dtype: torc
             unfilled |= {(n, e, o) for e in range(p.shape[0]) for o in range(expert_blocks(stack))}
         else:
             unfilled.add(n)
-    stacked: dict[str, torch.Tensor] = {}
     names = {n: p for n, p in shard_files(ckpt).items() if not n.startswith(DROPPED_PREFIXES)}
     _read_ahead(set(names.values()))
     n_bytes = 0
@@ -133,24 +191,18 @@ def load_model(ckpt: str | Path, device: str | torch.device = "cpu", dtype: torc
             raise CheckpointError(
                 f"{path}: tensor {name} has shape {list(src.shape)}, the config expects {list(expected)}")
         n_bytes += src.numel() * src.element_size()
-        if slot is None:
-            _assign(model, target, src.to(device=device, dtype=dtype))
-            unfilled.discard(target)
-            continue
-        if target not in stacked:
-            stacked[target] = torch.empty(param.shape, device=device, dtype=dtype)
-        expert, block = slot
-        rows = src.shape[0]
-        stacked[target][expert, block * rows:(block + 1) * rows].copy_(src)
-        unfilled.discard((target, expert, block))
+        put(target, slot, src)
+        unfilled.discard(target if slot is None else (target, *slot))
     if unfilled:
         missing = sorted(_describe(u) for u in unfilled)
         raise CheckpointError(f"{ckpt}: {len(missing)} parameter(s) not in the checkpoint, e.g. {missing[:5]}")
-    for target, tensor in stacked.items():
-        _assign(model, target, tensor)
-    model.finish_loading()
-    log(f"loaded {n_bytes / 1e9:.2f} GB from {ckpt} to {device} as {dtype} in {time.perf_counter() - t0:.1f} s")
-    return model
+    return n_bytes
+
+
+def _expert_rows(stack: torch.Tensor, slot: tuple[int, int], rows: int) -> torch.Tensor:
+    """The rows of one expert's checkpoint matrix inside a stacked parameter [E, blocks * rows, cols]."""
+    expert, block = slot
+    return stack[expert, block * rows:(block + 1) * rows]
 
 
 def _read_ahead(paths: set[Path]) -> None:
