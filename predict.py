@@ -92,17 +92,20 @@ class Runner(BaseRunner):
         log(f"setup: device {device}, dtype {str(dtype).removeprefix('torch.')}")
         with timed("checkpoint"):
             checkpoint = resolve_checkpoint()
-        with timed("load"):
-            try:
-                self.engine = Engine.from_pretrained(checkpoint, device=device, dtype=dtype, log=log)
-            except CheckpointError as e:
-                raise CheckpointError(
-                    f"{e}\nThe checkpoint in {checkpoint} cannot be loaded. Point {WEIGHTS_ENV} at a "
-                    f"complete DeepSeek-VL2-small checkpoint, or empty that directory so that setup "
-                    f"downloads {REPO_ID} into it."
-                ) from e
-        with timed("warm-up"):
-            self.engine.warmup()
+        try:
+            with timed("load"):
+                # On the GPU the weights stream in while warm-up compiles (the load is disk-bound,
+                # compilation CPU-bound); the warm-up's final step waits for the load to finish.
+                self.engine = Engine.from_pretrained(checkpoint, device=device, dtype=dtype, log=log,
+                                                     background_load=device == "cuda")
+            with timed("warm-up"):
+                self.engine.warmup()
+        except CheckpointError as e:
+            raise CheckpointError(
+                f"{e}\nThe checkpoint in {checkpoint} cannot be loaded. Point {WEIGHTS_ENV} at a "
+                f"complete DeepSeek-VL2-small checkpoint, or empty that directory so that setup "
+                f"downloads {REPO_ID} into it."
+            ) from e
         log(f"setup: ready in {time.perf_counter() - started:.1f}s")
 
     @streaming

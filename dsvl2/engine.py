@@ -21,7 +21,7 @@ from PIL import Image
 
 from .detokenize import StreamDecoder
 from .errors import InputError, PromptTooLong
-from .loader import load_model
+from .loader import allocate_model, load_into, load_model
 from .model import DeepseekVL2
 from .moe import MoE
 from .processor import Encoded, Processor
@@ -92,13 +92,39 @@ class Engine:
         # One captured step per sampler mode: "greedy" (argmax only), "top" (top-k <= TOP_CANDIDATES:
         # sort that many candidates) and "full" (sort the whole vocabulary).
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
+        self._loader: threading.Thread | None = None  # a background load still filling the weights
+        self._load_error: BaseException | None = None
+        self._warming = False  # warm-up requests may run on weights still being loaded
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
-                        log: Callable[[str], None] = print, **kwargs) -> Engine:
+                        log: Callable[[str], None] = print, background_load: bool = False, **kwargs) -> Engine:
+        """Load a checkpoint. With ``background_load`` the weights stream into a zero-filled model in a
+        thread, so that ``warmup`` compiles while the disk is busy; generation waits for the load."""
         processor = Processor.from_pretrained(checkpoint_dir)
-        model = load_model(checkpoint_dir, device, dtype, log=log)
-        return cls(model, processor, log=log, **kwargs)
+        if not background_load:
+            return cls(load_model(checkpoint_dir, device, dtype, log=log), processor, log=log, **kwargs)
+        engine = cls(allocate_model(checkpoint_dir, device, dtype), processor, log=log, **kwargs)
+        engine._start_loading(checkpoint_dir)
+        return engine
+
+    def _start_loading(self, checkpoint_dir: str | Path) -> None:
+        def load() -> None:
+            try:
+                load_into(self.model, checkpoint_dir, log=self.log)
+            except BaseException as e:  # noqa: BLE001 - handed to the thread that waits
+                self._load_error = e
+
+        self._loader = threading.Thread(target=load, name="dsvl2-load", daemon=True)
+        self._loader.start()
+
+    def wait_loaded(self) -> None:
+        """Block until a background load has finished; raise its error if it failed."""
+        if self._loader is not None:
+            self._loader.join()
+            self._loader = None
+        if self._load_error is not None:
+            raise self._load_error
 
     # ---- request validation (CPU only, before any GPU work) ----
     def prepare(self, prompt: str, images: list[Image.Image], params: SamplingParams,
@@ -125,6 +151,8 @@ class Engine:
     @torch.inference_mode()
     def stream(self, req: Request, cancel: threading.Event | None = None) -> Iterator[str]:
         """Yield text chunks as tokens arrive; stops at eos, at max_new_tokens or when cancel is set."""
+        if not self._warming:
+            self.wait_loaded()
         t0 = time.perf_counter()
         enc, p, row = req.encoded, req.params, 0
         rng = RequestRng(req.seed, self.device)
@@ -270,27 +298,50 @@ class Engine:
             t.copy_(s)
 
     def warmup(self) -> None:
-        """Capture the decode graph, then run one short real generation through the whole path."""
+        """Compile (regional), run two warm-up requests (they build the compiled code; during a background
+        load they run on the weights as they stream in), then capture the decode graphs on the loaded
+        weights and run one short request through them."""
         t0 = time.perf_counter()
         if self.use_compile:
             self.compile()
-            try:
-                self.capture()
-                self.log(f"compiled and captured the decode step in {time.perf_counter() - t0:.1f} s")
-            except Exception as e:  # noqa: BLE001 - a compiler failure must not take the service down
-                self.log(f"compiling the decode step failed ({type(e).__name__}: {e}); using the eager step "
-                         "and prefill (correct, slower)")
-                self._drop_compiled(("decode", "forward"))
-                self.capture()
-        else:
+        try:
+            self._warm_requests()
+        except Exception as e:  # noqa: BLE001 - a compiler failure must not take the service down
+            if not self.use_compile:
+                raise
+            self._fall_back_to_eager(e)
+            self._warm_requests()
+        self.log(f"compiled and warmed up in {time.perf_counter() - t0:.1f} s")
+        self.wait_loaded()
+        try:
             self.capture()
-        # Two requests of different shapes, so that the compiled prefill settles on shape-generic code
-        # here rather than recompiling on the first real request.
-        for size in ((640, 480), (1000, 333)):
-            image = Image.new("RGB", size, (200, 120, 40))
-            req = self.prepare("<image>\nDescribe this image.", [image], SamplingParams(temperature=0.1, seed=0), 8)
-            text = "".join(self.stream(req))
+        except Exception as e:  # noqa: BLE001
+            if not self.use_compile:
+                raise
+            self._fall_back_to_eager(e)
+            self.graphs = {}
+            self.capture()
+        req = self.prepare("Hello", [], SamplingParams(temperature=0.1, seed=0), 8)
+        text = "".join(self.stream(req))
         self.log(f"warm-up: {req.stats.output_tokens} tokens ({text[:40]!r}) in {time.perf_counter() - t0:.1f} s")
+
+    def _warm_requests(self) -> None:
+        # Two requests of different shapes, so that the compiled prefill settles on shape-generic code here
+        # rather than recompiling on the first real request. No graphs yet: the steps run the compiled layers.
+        self._warming = True
+        try:
+            for size in ((640, 480), (1000, 333)):
+                image = Image.new("RGB", size, (200, 120, 40))
+                req = self.prepare("<image>\nDescribe this image.", [image], SamplingParams(temperature=0.1, seed=0), 4)
+                for _ in self.stream(req):
+                    pass
+        finally:
+            self._warming = False
+
+    def _fall_back_to_eager(self, error: Exception) -> None:
+        self.log(f"compiling the model failed ({type(error).__name__}: {error}); using the eager step and prefill "
+                 "(correct, slower)")
+        self._drop_compiled(("decode", "forward"))
 
 
 def set_moe_impl(impl: str) -> None:

@@ -152,3 +152,30 @@ def test_a_plain_prefill_error_is_not_swallowed(engine: Engine, monkeypatch: pyt
     monkeypatch.setattr(engine.model.language, "prefill", broken)
     with pytest.raises(RuntimeError, match="real failure"):
         _generate(engine, GREEDY)
+
+
+def test_background_load_generates_what_the_plain_load_does(engine: Engine, tiny_checkpoint: Path) -> None:
+    # The service's setup: weights stream into a zero-filled model while warm-up runs; afterwards the
+    # engine answers exactly as one loaded synchronously.
+    bg = Engine.from_pretrained(tiny_checkpoint, "cpu", torch.float32, log=lambda s: None, background_load=True)
+    bg.warmup()
+    for e in (engine, bg):
+        e.req = e.prepare("<image>\nDescribe.", [_image()], GREEDY, 12)
+        list(e.stream(e.req))
+    assert bg.req.output_ids == engine.req.output_ids and len(bg.req.output_ids) > 0
+    for name, p in engine.model.named_parameters():
+        assert torch.equal(p, bg.model.get_parameter(name)), name
+
+
+def test_background_load_error_surfaces_when_generation_waits(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from dsvl2.errors import CheckpointError
+
+    broken = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, broken)
+    shard = sorted(broken.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-64])  # truncated
+    bg = Engine.from_pretrained(broken, "cpu", torch.float32, log=lambda s: None, background_load=True)
+    with pytest.raises(CheckpointError, match=shard.name):
+        bg.warmup()
