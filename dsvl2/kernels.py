@@ -1,10 +1,19 @@
-"""Triton kernels for the routed experts at decode time (CUDA; the tests run them through Triton's
-interpreter on the CPU).
+"""Triton kernels for decode time: a handful of tokens (CUDA; the tests run them through Triton's interpreter
+on the CPU and compare each with the plain PyTorch code it replaces).
 
-At batch 1 a decode step routes one token to 6 of 64 experts, so the work is reading those 6 experts'
-weights once: each kernel is a matrix-vector product that reads a [BLOCK_N, D] slab of one selected
-expert straight from the stacked weights (no gather copy, no host synchronisation).
-``routed_experts`` computes what ``moe.grouped_experts`` computes; the tests compare them.
+At batch 1 a decode step is a matter of reading weights once, so every kernel here is a matrix-vector product
+or a reduction laid out for memory bandwidth, reading straight from the model's tensors (no gather copies, no
+host synchronisation, fixed launch shapes for CUDA graphs):
+
+- ``moe_decode``: a whole MoE block in three launches: float32 router logits (the last program to finish takes
+  softmax and top-k), then gate‖up and down over the token's 6 chosen experts and the 2 shared-expert halves;
+- ``absorb_query`` and ``latent_attention``: MLA decode over the compressed cache, split over positions up to
+  each row's own position (flash-decoding), the splits merged by a second kernel;
+- ``gemv``: the q‖kv_a and o_proj products;
+- ``routed_experts``: the routed experts alone (used when the shared MLP is not stacked).
+
+The first three are registered as ``torch.library`` custom operators, so that ``torch.compile`` keeps each
+decoder layer one graph around them.
 """
 
 from __future__ import annotations

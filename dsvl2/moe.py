@@ -8,7 +8,7 @@ that mapping once, for the loader.
 
 Routing (as upstream): gate logits in float32, softmax over all experts, top-k, weights not
 renormalised, routed scaling 1.0; the weighted sum is taken in float32. The shared experts are one
-wider MLP applied to every token.
+wider MLP applied to every token. At decode time on CUDA the whole block runs as ``kernels.moe_decode``.
 """
 
 from __future__ import annotations
