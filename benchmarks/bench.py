@@ -56,6 +56,7 @@ def plain_path(engine: Engine):
     for module in [*engine.model.language.model.layers, *engine.model.vision.blocks]:
         compiled[module] = {k: module.__dict__.pop(k) for k in ("decode", "forward") if k in module.__dict__}
     graphs, engine.graphs = engine.graphs, {}
+    engine.graph_prefill = False
     saved_triton, kernels.triton = kernels.triton, None
     set_moe_impl("loop")
 
@@ -63,6 +64,7 @@ def plain_path(engine: Engine):
         set_moe_impl("grouped")
         kernels.triton = saved_triton
         engine.graphs = graphs
+        engine.graph_prefill = True
         for module, attrs in compiled.items():
             module.__dict__.update(attrs)
 

@@ -207,8 +207,10 @@ def main() -> None:
     emit(fast_vs_plain_equal_prefix=same, compared=len(ids), fast_ids=ids[:8], plain_ids=req2.output_ids[:8],
          plain_ttft_ms=round(req2.stats.time_to_first_token_s * 1e3))
 
-    # Time to first token with parts of the prefill left eager (what compiling them buys).
-    for label, modules in (("eager_lm_prefill", lm.model.layers), ("eager_vision_too", engine.model.vision.blocks)):
+    # Time to first token without the captured prefill, then with parts of it left eager (what each buys).
+    engine.graph_prefill = False
+    for label, modules in (("no_prefill_graph", []), ("eager_lm_prefill", lm.model.layers),
+                           ("eager_vision_too", engine.model.vision.blocks)):
         for module in modules:
             module.__dict__.pop("forward", None)
         ttft = []

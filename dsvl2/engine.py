@@ -10,6 +10,7 @@ carry per-request state so several requests can share a step later.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -58,6 +59,7 @@ class Request:
 
 
 TOP_CANDIDATES = 64
+PREFILL_BUCKET = 64  # prompts are padded to a multiple of this for the captured prefills
 
 
 def sampler_mode(params: SamplingParams) -> str:
@@ -95,6 +97,10 @@ class Engine:
         self._loader: threading.Thread | None = None  # a background load still filling the weights
         self._load_error: BaseException | None = None
         self._warming = False  # warm-up requests may run on weights still being loaded
+        # Captured prefills by (padded length, row): (graph, static input, last position, logits), or False.
+        self.prefill_graphs: dict[tuple[int, int], tuple | bool] = {}
+        self.graph_prefill = True
+        self._prefill_pool = None
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
@@ -109,11 +115,19 @@ class Engine:
         return engine
 
     def _start_loading(self, checkpoint_dir: str | Path) -> None:
+        # The loader needs the interpreter lock briefly between copies, while compilation holds it for long
+        # stretches: a shorter switch interval keeps the load disk-bound (5 ms waits, thousands of times, add
+        # up to seconds).
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(interval, 5e-4))
+
         def load() -> None:
             try:
                 load_into(self.model, checkpoint_dir, log=self.log)
             except BaseException as e:  # noqa: BLE001 - handed to the thread that waits
                 self._load_error = e
+            finally:
+                sys.setswitchinterval(interval)
 
         self._loader = threading.Thread(target=load, name="dsvl2-load", daemon=True)
         self._loader.start()
@@ -220,8 +234,56 @@ class Engine:
     def _prefill(self, enc: Encoded, row: int) -> torch.Tensor:
         """Embed the prompt (images included) and fill the cache row; -> last-position logits [1, V]."""
         embeds = self.model.embed(enc.input_ids, enc.image_mask, enc.pixel_values, enc.spatial_crops)
+        if self.use_graphs and self.graph_prefill and not self._warming:
+            logits = self._graphed_prefill(embeds, row)
+            if logits is not None:
+                return logits
         hidden = self.model.language.prefill(embeds[None], self.cache[:, row:row + 1])
         return self.model.language.logits(hidden[:, -1])
+
+    def _padded_prefill(self, x: torch.Tensor, last: torch.Tensor, row: int) -> torch.Tensor:
+        """The language model's prefill of a prompt padded at the end: x [1, S, D] (prompt, then zeros), last [1]
+        the prompt's last position -> logits there [1, V]. The padding cannot reach the prompt (causal attention,
+        experts per token) and only fills cache slots that decode overwrites before it reads them."""
+        hidden = self.model.language.prefill(x, self.cache[:, row:row + 1])
+        return self.model.language.logits(hidden.index_select(1, last)[:, 0])
+
+    def _graphed_prefill(self, embeds: torch.Tensor, row: int) -> torch.Tensor | None:
+        """Replay the captured prefill for this prompt's length bucket (captured on first use); None if that
+        bucket could not be captured. Launching the prefill's kernels from Python costs 5-50 ms depending on
+        the host; a replay costs none of it."""
+        t = embeds.shape[0]
+        size = min(-(-t // PREFILL_BUCKET) * PREFILL_BUCKET, self.context)
+        entry = self.prefill_graphs.get((size, row))
+        if entry is None:
+            entry = self.prefill_graphs[(size, row)] = self._capture_prefill(size, row)
+        if not entry:
+            return None
+        graph, x, last, out = entry
+        x[0, :t].copy_(embeds)
+        x[0, t:].zero_()
+        last.fill_(t - 1)
+        graph.replay()
+        return out
+
+    def _capture_prefill(self, size: int, row: int) -> tuple | bool:
+        x = torch.zeros(1, size, self.model.cfg.language.hidden_size, dtype=self.model.dtype, device=self.device)
+        last = torch.zeros(1, dtype=torch.int64, device=self.device)
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._padded_prefill(x, last, row)  # builds the compiled code for this length first
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._prefill_pool):
+                out = self._padded_prefill(x, last, row)
+            self._prefill_pool = graph.pool()  # one pool for all lengths: one prefill runs at a time
+        except Exception as e:  # noqa: BLE001 - that length then runs without a graph
+            self.log(f"capturing the prefill for {size} positions failed ({type(e).__name__}: {e}); "
+                     "prompts of that length run without a graph")
+            return False
+        return graph, x, last, out
 
     def _drop_compiled(self, names: tuple[str, ...]) -> bool:
         """Remove the compiled wrappers of these methods (back to the plain ones); True if any existed.

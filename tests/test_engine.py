@@ -179,3 +179,47 @@ def test_background_load_error_surfaces_when_generation_waits(tiny_checkpoint: P
     bg = Engine.from_pretrained(broken, "cpu", torch.float32, log=lambda s: None, background_load=True)
     with pytest.raises(CheckpointError, match=shard.name):
         bg.warmup()
+
+
+def test_padded_prefill_equals_the_prompt_alone(engine: Engine) -> None:
+    # The captured prefill pads the prompt to a length bucket: the logits at the last real position are those
+    # of the unpadded prompt.
+    enc = engine.prepare("<image>\nDescribe.", [_image()], GREEDY, 4).encoded
+    with torch.inference_mode():
+        embeds = engine.model.embed(enc.input_ids, enc.image_mask, enc.pixel_values, enc.spatial_crops)
+        ref = engine.model.language.logits(engine.model.language.prefill(embeds[None], engine.cache[:, :1])[:, -1])
+        t = embeds.shape[0]
+        x = torch.cat([embeds, torch.zeros(37, embeds.shape[1])])[None]
+        got = engine._padded_prefill(x, torch.tensor([t - 1]), 0)
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_through_the_bucketed_prefill_equals_the_plain_one(engine: Engine,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # The GPU path end to end on the CPU: a stand-in for the CUDA graph replays the padded prefill eagerly;
+    # the padding's cache slots must be overwritten by decode before they are read.
+    ref = engine.prepare("<image>\nDescribe.", [_image(500, 300)], GREEDY, 16)
+    list(engine.stream(ref))
+
+    class Replay:
+        def __init__(self, size: int, row: int) -> None:
+            self.x = torch.zeros(1, size, engine.model.cfg.language.hidden_size)
+            self.last = torch.zeros(1, dtype=torch.int64)
+            self.out = torch.zeros(1, engine.vocab)
+            self.row = row
+
+        def replay(self) -> None:
+            self.out.copy_(engine._padded_prefill(self.x, self.last, self.row))
+
+    def capture(size: int, row: int) -> tuple:
+        r = Replay(size, row)
+        return r, r.x, r.last, r.out
+
+    monkeypatch.setattr(engine, "use_graphs", True)
+    monkeypatch.setattr(engine, "_capture_prefill", capture)
+    monkeypatch.setattr(engine, "prefill_graphs", {})
+    got = engine.prepare("<image>\nDescribe.", [_image(500, 300)], GREEDY, 16)
+    list(engine.stream(got))
+    (size, _), = engine.prefill_graphs
+    assert size % 64 == 0 and size > ref.stats.prompt_tokens  # really padded
+    assert got.output_ids == ref.output_ids and len(got.output_ids) == 16
