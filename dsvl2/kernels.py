@@ -201,9 +201,9 @@ MAX_DECODE_TOKENS = 64
 _route_counters: dict[torch.device, torch.Tensor] = {}
 
 
-def moe_decode_ok(n_tokens: int, top_k: int, dim: int, shared: bool) -> bool:
+def moe_decode_ok(n_tokens: int, top_k: int, dim: int) -> bool:
     """Shapes the fused decode MoE handles: a few tokens, the hidden size a multiple of the blocks."""
-    return triton is not None and shared and n_tokens * top_k <= MAX_DECODE_TOKENS and dim % 512 == 0
+    return triton is not None and n_tokens * top_k <= MAX_DECODE_TOKENS and dim % 512 == 0
 
 
 def _route_counter(device: torch.device) -> torch.Tensor:

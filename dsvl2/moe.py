@@ -91,7 +91,7 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
         if (self.impl == "grouped" and kernels.available(x) and self.shared_experts.gate_up.numel()
-                and kernels.moe_decode_ok(x.shape[0], self.top_k, x.shape[1], True)):
+                and kernels.moe_decode_ok(x.shape[0], self.top_k, x.shape[1])):
             # Decode: routing, routed and shared experts in three kernels that read only the chosen experts.
             y = kernels.moe_decode(x, self.gate.weight, self.experts.w13, self.experts.w2,
                                    self.shared_experts.gate_up, self.shared_experts.down_proj.weight, self.top_k)
