@@ -28,29 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import plain_path, teacher_forced  # noqa: E402
 
 from dsvl2 import kernels, moe  # noqa: E402
-from dsvl2.engine import Engine  # noqa: E402
+from dsvl2.engine import Engine, capture_graph  # noqa: E402
 from dsvl2.processor import Processor  # noqa: E402
 from dsvl2.sampling import SamplingParams  # noqa: E402
 from dsvl2.tiny import random_model, write_processor_files  # noqa: E402
-
-
-def graph_ms(fn, reps: int = 50) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def replay_ms(graph: torch.cuda.CUDAGraph, reps: int = 100) -> float:
@@ -62,6 +43,11 @@ def replay_ms(graph: torch.cuda.CUDAGraph, reps: int = 100) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / reps
+
+
+def graph_ms(fn, reps: int = 50) -> float:
+    graph, _ = capture_graph(fn, None, warmups=1)
+    return replay_ms(graph, reps)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -270,14 +270,8 @@ class Engine:
         x = torch.zeros(1, size, self.model.cfg.language.hidden_size, dtype=self.model.dtype, device=self.device)
         last = torch.zeros(1, dtype=torch.int64, device=self.device)
         try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self._padded_prefill(x, last, row)  # builds the compiled code for this length first
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._prefill_pool):
-                out = self._padded_prefill(x, last, row)
+            # The warm-up run builds the compiled code for this length before the capture.
+            graph, out = capture_graph(lambda: self._padded_prefill(x, last, row), self._prefill_pool, warmups=1)
             self._prefill_pool = graph.pool()  # one pool for all lengths: one prefill runs at a time
         except Exception as e:  # noqa: BLE001 - that length then runs without a graph
             self.log(f"capturing the prefill for {size} positions failed ({type(e).__name__}: {e}); "
@@ -345,17 +339,8 @@ class Engine:
         saved = [t.clone() for t in (self.tokens, self.pos, self.seen)]
         pool = None
         for mode in ("greedy", "top", "full"):
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.inference_mode(), torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._step_eager(mode)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
-                self._step_eager(mode)
-            pool = graph.pool()
-            self.graphs[mode] = graph
+            self.graphs[mode], _ = capture_graph(lambda m=mode: self._step_eager(m), pool, warmups=2)
+            pool = self.graphs[mode].pool()
         for t, s in zip((self.tokens, self.pos, self.seen), saved, strict=True):
             t.copy_(s)
 
@@ -404,6 +389,22 @@ class Engine:
         self.log(f"compiling the model failed ({type(error).__name__}: {error}); using the eager step and prefill "
                  "(correct, slower)")
         self._drop_compiled(("decode", "forward"))
+
+
+def capture_graph(fn: Callable[[], torch.Tensor | None], pool: tuple | None,
+                  warmups: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None]:
+    """Run ``fn`` ``warmups`` times on a side stream, then capture it into a CUDA graph (in ``pool`` if
+    given); -> (graph, what the captured call returned, which each replay refills)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.inference_mode(), torch.cuda.stream(stream):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
 
 
 def set_moe_impl(impl: str) -> None:
