@@ -86,9 +86,10 @@ def teacher_forced(engine: Engine, prompt_embeds: torch.Tensor, ids: list[int]) 
 
 
 def kernel_checks() -> dict:
-    """Relative error of the routed-expert Triton kernels against the plain loop, fresh random inputs."""
+    """Relative error of the fused decode MoE block (router, routed and shared expert kernels) against the
+    plain block (experts in a loop, cuBLAS), fresh random inputs."""
     from dsvl2.config import LanguageConfig
-    from dsvl2.moe import MoE, looped_experts
+    from dsvl2.moe import MoE
 
     out = {}
     cfg = LanguageConfig()
@@ -97,11 +98,15 @@ def kernel_checks() -> dict:
             layer = MoE(cfg).to(torch.bfloat16)
         for p in layer.parameters():
             p.data.normal_(0, 0.02)
-        x = torch.randn(tokens, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
-        w, ids = layer.route(x)
-        ref = looped_experts(x, w, ids, layer.experts).float()
-        got = kernels.routed_experts(x, w, ids, layer.experts.w13, layer.experts.w2).float()
-        out[f"routed_{tokens}_tokens"] = float((got - ref).norm() / ref.norm())
+        layer.shared_experts.fuse()
+        x = torch.randn(1, tokens, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+        set_moe_impl("loop")
+        saved, kernels.triton = kernels.triton, None
+        ref = layer(x).float()
+        kernels.triton = saved
+        set_moe_impl("grouped")
+        got = layer(x).float()
+        out[f"moe_fused_{tokens}_tokens"] = float((got - ref).norm() / ref.norm())
     return out
 
 

@@ -100,9 +100,6 @@ class MoE(nn.Module):
         weights, ids = self.route(x)
         if self.impl == "loop":
             y = looped_experts(x, weights, ids, self.experts)
-        elif kernels.available(x) and ids.numel() <= 64 and x.shape[1] % 256 == 0:
-            # Decode: a few token-expert pairs; matrix-vector kernels read only the chosen experts.
-            y = kernels.routed_experts(x, weights, ids, self.experts.w13, self.experts.w2)
         else:
             y = grouped_experts(x, weights, ids, self.experts)
         return (y + self.shared_experts(x)).view(shape)

@@ -21,20 +21,6 @@ def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-# Routed experts: Triton matrix-vector kernels vs the expert loop.
-cfg = LanguageConfig(hidden_size=512, moe_intermediate_size=96, n_routed_experts=8, num_experts_per_tok=3)
-layer = moe.MoE(cfg)
-for p in layer.parameters():
-    p.data.normal_(0, 0.05)
-for dtype in (torch.float32, torch.bfloat16):
-    layer = layer.to(dtype)
-    for tokens in (1, 3):
-        x = torch.randn(tokens, cfg.hidden_size, dtype=dtype)
-        w, ids = layer.route(x)
-        ref = moe.looped_experts(x, w, ids, layer.experts).float()
-        got = kernels.routed_experts(x, w, ids, layer.experts.w13, layer.experts.w2).float()
-        results[f"routed_{dtype}_{tokens}"] = rel(got, ref)
-
 # The fused decode MoE block (router, routed and shared experts in three kernels) vs the plain MoE block, with
 # 12 experts (not a power of two), top-4 and two shared experts.
 cfg = LanguageConfig(hidden_size=512, moe_intermediate_size=96, n_routed_experts=12, num_experts_per_tok=4,
