@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .config import ModelConfig
 from .detokenize import StreamDecoder
 from .errors import InputError, PromptTooLong
 from .loader import allocate_model, load_into, load_model
@@ -110,7 +111,8 @@ class Engine:
         processor = Processor.from_pretrained(checkpoint_dir)
         if not background_load:
             return cls(load_model(checkpoint_dir, device, dtype, log=log), processor, log=log, **kwargs)
-        engine = cls(allocate_model(checkpoint_dir, device, dtype), processor, log=log, **kwargs)
+        cfg = ModelConfig.from_file(Path(checkpoint_dir) / "config.json")
+        engine = cls(allocate_model(cfg, device, dtype), processor, log=log, **kwargs)
         engine._start_loading(checkpoint_dir)
         return engine
 

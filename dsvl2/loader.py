@@ -131,10 +131,9 @@ def load_model(ckpt: str | Path, device: str | torch.device = "cpu", dtype: torc
     return model
 
 
-def allocate_model(ckpt: str | Path, device: str | torch.device, dtype: torch.dtype = torch.bfloat16) -> DeepseekVL2:
-    """The model a checkpoint's config describes, on ``device``, zero-filled and ready to run (every value
-    finite), for ``load_into``: the service compiles and warms up on it while the weights stream in."""
-    cfg = ModelConfig.from_file(Path(ckpt) / "config.json")
+def allocate_model(cfg: ModelConfig, device: str | torch.device, dtype: torch.dtype = torch.bfloat16) -> DeepseekVL2:
+    """The model of ``cfg`` on ``device``, zero-filled and ready to run (every value finite), for ``load_into``:
+    the service compiles and warms up on it while the weights stream in."""
     with torch.device("meta"):
         model = DeepseekVL2(cfg)
     model = model.to(dtype).to_empty(device=device).eval().requires_grad_(False)

@@ -163,7 +163,7 @@ def probabilities(
     # Greedy rows get temperature 1 here only to avoid 0/0; their result is replaced below.
     safe_t = torch.where(greedy, torch.ones_like(temperature), temperature)
     filtered = filter_logits(apply_repetition_penalty(logits, seen, penalty), safe_t, top_p, top_k)
-    one_hot = torch.zeros_like(logits).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
+    one_hot = torch.zeros_like(logits).scatter_(1, argmax_rows(logits)[:, None], 1.0)
     return torch.where(greedy.view(-1, 1), one_hot, filtered.softmax(-1))
 
 

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .loader import allocate_model
 from .model import DeepseekVL2
 from .moe import EXPERT_KEYS, STACKS, expert_matrix_shape
 
@@ -110,14 +111,11 @@ def random_model(preset: str = "small", device: str = "cuda", dtype: torch.dtype
                  std: float = 0.02) -> DeepseekVL2:
     """The model of a preset with random weights, built directly on ``device`` (no checkpoint on disk), with
     the same value rules as ``build_random_checkpoint``; for kernel work and profiling."""
-    cfg = ModelConfig.from_dict(preset_config(preset))
-    with torch.device("meta"):
-        model = DeepseekVL2(cfg)
-    model = model.to_empty(device=device).eval().requires_grad_(False)
+    model = allocate_model(ModelConfig.from_dict(preset_config(preset)), device, dtype)
     gen = torch.Generator(device=device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        p.data = _random(name, tuple(p.shape), std, gen, device).to(dtype)
-    model.finish_loading()
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # side-by-side stacks: the parameters are views into them
+            p.copy_(_random(name, tuple(p.shape), std, gen, device))
     return model
 
 
