@@ -80,66 +80,61 @@ def main() -> None:
     block = lm.model.layers[1]
     x = torch.randn(1, 1, d, device="cuda", dtype=torch.bfloat16)
 
-    # Kernels against the plain paths (bf16, real shapes).
+    # Kernels against the plain paths (bf16, real shapes), launched with and without PDL.
     checks = {}
-    for tokens in (1, 4):
-        xt = torch.randn(1, tokens, d, device="cuda", dtype=torch.bfloat16)
-        moe.MoE.impl = "loop"
-        ref = without_kernels(lambda xt=xt: block.mlp(xt))
-        moe.MoE.impl = "grouped"
-        checks[f"moe_fused_{tokens}_tokens"] = rel(block.mlp(xt), ref)
     engine.pos.fill_(1500)
     engine.cache.normal_()
     cs = lm.rope[engine.pos][:, None]
     att = block.self_attn
-    ref = without_kernels(lambda: att.decode(x, cs, engine.cache[1].clone(), engine.pos))
-    checks["attention_pos1500"] = rel(att.decode(x, cs, engine.cache[1].clone(), engine.pos), ref)
-    emit(kernel_rel_err=checks)
+    for pdl in (False, True):
+        kernels.PDL = pdl
+        tag = "pdl_" if pdl else ""
+        for tokens in (1, 4):
+            xt = torch.randn(1, tokens, d, device="cuda", dtype=torch.bfloat16)
+            moe.MoE.impl = "loop"
+            ref = without_kernels(lambda xt=xt: block.mlp(xt))
+            moe.MoE.impl = "grouped"
+            checks[f"{tag}moe_fused_{tokens}_tokens"] = rel(block.mlp(xt), ref)
+        ref_cache, got_cache = engine.cache[1].clone(), engine.cache[1].clone()
+        ref = without_kernels(lambda c=ref_cache: att.decode(x, cs, c, engine.pos))
+        checks[f"{tag}attention_pos1500"] = rel(att.decode(x, cs, got_cache, engine.pos), ref)
+        checks[f"{tag}attention_cache_row"] = rel(got_cache[0, 1500], ref_cache[0, 1500])
+    emit(kernel_rel_err=checks, pdl_supported=kernels.use_pdl(x))
 
-    # Parts of a decode step, eager (graph replay), kernels on and off.
+    # Parts of a decode step, eager (graph replay): kernels with PDL, without PDL, and off.
     parts = {}
     for name, fn in (("attention_us", lambda: att.decode(x, cs, engine.cache[1], engine.pos)),
                      ("moe_us", lambda: block.mlp(x)),
                      ("model_decode_ms", lambda: lm.decode(engine.tokens, engine.pos, engine.cache)),
                      ("lm_head_ms", lambda: lm.logits(x[:, 0]))):
         scale = 1e3 if name.endswith("us") else 1
-        parts[name] = [round(graph_ms(fn) * scale, 2), round(without_kernels(lambda fn=fn: graph_ms(fn)) * scale, 2)]
-    emit(eager_parts_kernels_on_off=parts)
+        times = []
+        for pdl in (True, False):
+            kernels.PDL = pdl
+            times.append(round(graph_ms(fn) * scale, 2))
+        times.append(round(without_kernels(lambda fn=fn: graph_ms(fn)) * scale, 2))
+        parts[name] = times
+    kernels.PDL = True
+    emit(eager_parts_pdl_nopdl_off=parts)
 
-    # Block-size sweeps of the new kernels (graph replay, microseconds).
+    # Block sizes of the whole-row (PDL) matrix-vector kernel (graph replay, microseconds).
     sweep = {}
-    q_lat = torch.randn(1, 16, 512, device="cuda", dtype=torch.bfloat16)
-    q_rope = torch.randn(1, 16, 64, device="cuda", dtype=torch.bfloat16)
-    kv_b = block.self_attn.kv_b_proj.weight
-    for splits in (16, 32, 64):
-        for bs in (16, 32, 64):
-            kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK_S = splits, bs
-            sweep[f"attention_{splits}x{bs}"] = round(1e3 * graph_ms(
-                lambda: kernels.latent_attention(q_lat, q_rope, engine.cache[1], engine.pos, 0.07)), 2)
-    q_nope = torch.randn(1, 16, 128, device="cuda", dtype=torch.bfloat16)
-    sweep["absorb_query"] = round(1e3 * graph_ms(lambda: kernels.absorb_query(q_nope, kv_b, 128)), 2)
-    w_uk = kv_b.view(16, 256, 512)[:, :128]
-    sweep["absorb_query_cublas"] = round(1e3 * graph_ms(lambda: torch.einsum("bhd,hdr->bhr", q_nope, w_uk)), 2)
-    kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK_S = 64, 32
-    for be in (1, 2, 4, 8):
-        kernels.ROUTER_BLOCK_E = be
-        sweep[f"moe_router_block_{be}"] = round(1e3 * graph_ms(lambda: block.mlp(x)), 2)
-    kernels.ROUTER_BLOCK_E = 1
-    for name, configs in (("GATE_UP_CONFIG", ((8, 512, 2), (16, 512, 4), (8, 256, 2), (4, 512, 1), (8, 1024, 4))),
-                          ("DOWN_CONFIG", ((16, 128, 8), (8, 256, 4), (32, 128, 8), (16, 256, 8), (16, 64, 4)))):
-        default = getattr(kernels, name)
-        for cfg in configs:
-            setattr(kernels, name, cfg)
-            sweep[f"moe_{name}_{cfg}"] = round(1e3 * graph_ms(lambda: block.mlp(x)), 2)
-        setattr(kernels, name, default)
     wq, wo = block.self_attn.q_kv_a, block.self_attn.o_proj.weight
-    for cfg in ((16, 512, 4), (8, 512, 2), (8, 1024, 4), (4, 512, 1), (16, 256, 4), (32, 512, 8)):
-        kernels.GEMV_CONFIG = cfg
+    default = kernels.GEMV_PDL_CONFIG
+    for cfg in ((2, 1), (4, 1), (2, 2), (4, 2), (8, 2), (4, 4), (8, 4), (16, 8)):
+        kernels.GEMV_PDL_CONFIG = cfg
         sweep[f"gemv_q_kv_a_{cfg}"] = round(1e3 * graph_ms(lambda: kernels.gemv(x, wq)), 2)
         sweep[f"gemv_o_proj_{cfg}"] = round(1e3 * graph_ms(lambda: kernels.gemv(x, wo)), 2)
-    sweep["cublas_q_kv_a"] = round(1e3 * graph_ms(lambda: torch.nn.functional.linear(x, wq)), 2)
-    sweep["cublas_o_proj"] = round(1e3 * graph_ms(lambda: torch.nn.functional.linear(x, wo)), 2)
-    kernels.GEMV_CONFIG = (4, 512, 1)
+    kernels.GEMV_PDL_CONFIG = default
+    default = kernels.DOWN_PDL_CONFIG
+    for cfg in ((8, 4), (16, 8), (8, 8), (32, 8), (16, 4), (4, 4)):
+        kernels.DOWN_PDL_CONFIG = cfg
+        sweep[f"moe_down_pdl_{cfg}"] = round(1e3 * graph_ms(lambda: block.mlp(x)), 2)
+    kernels.DOWN_PDL_CONFIG = default
+    kernels.PDL = False
+    sweep["gemv_q_kv_a_loop"] = round(1e3 * graph_ms(lambda: kernels.gemv(x, wq)), 2)
+    sweep["gemv_o_proj_loop"] = round(1e3 * graph_ms(lambda: kernels.gemv(x, wo)), 2)
+    kernels.PDL = True
     checks = {"gemv_q_kv_a": rel(kernels.gemv(x, wq), torch.nn.functional.linear(x, wq))}
     emit(sweep_us=sweep, gemv_rel_err=checks)
 
@@ -148,11 +143,18 @@ def main() -> None:
     engine.cache.zero_()
     engine.warmup()
     emit(warmup_s_cold_cache=round(time.perf_counter() - t1, 1))
+    print(torch._dynamo.utils.compile_times(repr="str"), flush=True)
     steps = {m: round(replay_ms(engine.graphs[m]), 3) for m in ("greedy", "top", "full")}
+    kernels.PDL = False
+    engine.capture()
+    steps["greedy_no_pdl"] = round(replay_ms(engine.graphs["greedy"]), 3)
+    kernels.PDL = True
+    engine.capture()
+    steps["greedy_pdl_again"] = round(replay_ms(engine.graphs["greedy"]), 3)
     emit(step_ms=steps)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
-            engine._step_eager("greedy")
+            engine.graphs["greedy"].replay()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
 
@@ -193,18 +195,14 @@ def main() -> None:
     emit(fast_vs_plain_equal_prefix=same, compared=len(ids), fast_ids=ids[:8], plain_ids=req2.output_ids[:8],
          plain_ttft_ms=round(req2.stats.time_to_first_token_s * 1e3))
 
-    # Time to first token without the captured prefill, then with parts of it left eager (what each buys).
+    # Time to first token without the captured prefill.
     engine.graph_prefill = False
-    for label, modules in (("no_prefill_graph", []), ("eager_lm_prefill", lm.model.layers),
-                           ("eager_vision_too", engine.model.vision.blocks)):
-        for module in modules:
-            module.__dict__.pop("forward", None)
-        ttft = []
-        for _ in range(4):
-            r = engine.prepare("<image>\nDescribe this image.", [image], greedy, 1)
-            list(engine.stream(r))
-            ttft.append(round(r.stats.time_to_first_token_s * 1e3, 1))
-        emit(**{f"ttft_ms_{label}": ttft})
+    ttft = []
+    for _ in range(4):
+        r = engine.prepare("<image>\nDescribe this image.", [image], greedy, 1)
+        list(engine.stream(r))
+        ttft.append(round(r.stats.time_to_first_token_s * 1e3, 1))
+    emit(ttft_ms_no_prefill_graph=ttft)
 
 
 if __name__ == "__main__":

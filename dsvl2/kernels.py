@@ -7,15 +7,21 @@ host synchronisation, fixed launch shapes for CUDA graphs):
 
 - ``moe_decode``: a whole MoE block in three launches: float32 router logits (the last program to finish takes
   softmax and top-k), then gate‖up and down over the token's 6 chosen experts and the 2 shared-expert halves;
-- ``absorb_query`` and ``latent_attention``: MLA decode over the compressed cache, split over positions up to
-  each row's own position (flash-decoding), the splits merged by a second kernel;
+- ``mla_prologue``, ``latent_attention`` and ``value_out``: MLA decode over the compressed cache: the query
+  absorbed into the latent space (with both rotary parts and the token's cache row in the same kernel), attention
+  split over positions up to each row's own position (flash-decoding) and merged by a second kernel, then the
+  values' rows of kv_b;
 - ``gemv``: the q‖kv_a and o_proj products.
+
+On Hopper they launch with programmatic dependent launch (see ``PDL``).
 
 They are all registered as ``torch.library`` custom operators, so that ``torch.compile`` keeps each
 decoder layer one graph around them.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -24,33 +30,79 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: the grouped path is used instead
     triton = None
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # a Triton without grid dependency control: the kernels launch the ordinary way
+    gdc_launch_dependents = gdc_wait = None
 
 
 def available(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda
 
 
+# Programmatic dependent launch (Hopper and later): each kernel here is launched so that it may start while
+# the previous kernel finishes. Everything before its gdc_wait() reads only weights (constants), so a kernel's
+# weight loads and launch overlap its predecessor's tail; everything after it sees the predecessor's writes.
+# Each kernel then calls gdc_launch_dependents() so that the next one may launch early in turn.
+PDL = os.environ.get("DSVL2_PDL", "1") != "0"
+_pdl_devices: dict[torch.device, bool] = {}
+
+
+def _launch_pdl_supported() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return gdc_wait is not None and "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+def use_pdl(x: torch.Tensor) -> bool:
+    """Whether the kernels launch with programmatic dependent launch on x's device (sm90+, Triton support)."""
+    if not PDL or not x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if x.device not in _pdl_devices:
+        major = torch.cuda.get_device_capability(x.device)[0]
+        _pdl_devices[x.device] = major >= 9 and _launch_pdl_supported()
+    return _pdl_devices[x.device]
+
+
+def _pdl_args(x: torch.Tensor) -> dict:
+    """The launch keywords: the kernel's USE_PDL flag and, when on, Triton's launch option."""
+    on = use_pdl(x)
+    return {"USE_PDL": True, "launch_pdl": True} if on else {"USE_PDL": False}
+
+
 # Block sizes of the expert kernels (BLOCK_N, BLOCK_K, num_warps), chosen by benchmarks/profile_decode.py on an H100.
 GATE_UP_CONFIG = (8, 512, 2)
 DOWN_CONFIG = (16, 128, 8)
+DOWN_PDL_CONFIG = (16, 8)  # BLOCK_N, num_warps of the whole-row variant launched with PDL
 
 
 if triton is not None:
 
     @triton.jit
     def _router_kernel(x_ptr, w_ptr, logits_ptr, count_ptr, ids_ptr, wt_ptr, D: tl.constexpr, E: tl.constexpr,
-                       E_PAD: tl.constexpr, K_TOP: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+                       E_PAD: tl.constexpr, K_TOP: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                       D_PAD: tl.constexpr, USE_PDL: tl.constexpr):
         # Gate logits in float32 for one token and a block of experts; the token's last program to finish
         # takes the softmax over all experts and the top K (weights not renormalised), then resets the count.
         t = tl.program_id(0)
         e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
         mask_e = e < E
-        acc = tl.zeros([BLOCK_E], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            xk = tl.load(x_ptr + t * D + k).to(tl.float32)
-            w = tl.load(w_ptr + e[:, None] * D + k[None, :], mask=mask_e[:, None], other=0.0).to(tl.float32)
-            acc += tl.sum(w * xk[None, :], axis=1)
+        if USE_PDL:  # the gate rows are constants: fetched before waiting for x
+            k = tl.arange(0, D_PAD)
+            w = tl.load(w_ptr + e[:, None] * D + k[None, :], mask=mask_e[:, None] & (k < D)[None, :], other=0.0)
+            gdc_wait()
+            gdc_launch_dependents()
+            xk = tl.load(x_ptr + t * D + k, mask=k < D, other=0.0).to(tl.float32)
+            acc = tl.sum(w.to(tl.float32) * xk[None, :], axis=1)
+        else:
+            acc = tl.zeros([BLOCK_E], dtype=tl.float32)
+            for k0 in range(0, D, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                xk = tl.load(x_ptr + t * D + k).to(tl.float32)
+                w = tl.load(w_ptr + e[:, None] * D + k[None, :], mask=mask_e[:, None], other=0.0).to(tl.float32)
+                acc += tl.sum(w * xk[None, :], axis=1)
         tl.store(logits_ptr + t * E + e, acc, mask=mask_e)
         finished = tl.atomic_add(count_ptr + t, 1, sem="acq_rel")  # orders the stores above before it
         if finished == tl.num_programs(1) - 1:
@@ -70,9 +122,12 @@ if triton is not None:
     @triton.jit
     def _moe_gate_up_kernel(x_ptr, w13_ptr, sgu_ptr, ids_ptr, h_ptr, D: tl.constexpr, HID: tl.constexpr,
                             K_TOP: tl.constexpr, N_SHARED: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr):
+                            BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
         # Slot s of a token: s < K_TOP is its s-th routed expert, the rest are the shared experts, each an
         # expert-wide slice of the shared MLP (its gate rows [j*I, (j+1)*I) and the matching up rows).
+        if USE_PDL:  # the expert ids come from the router
+            gdc_wait()
+            gdc_launch_dependents()
         pair = tl.program_id(0)
         token = pair // (K_TOP + N_SHARED)
         slot = pair % (K_TOP + N_SHARED)
@@ -101,7 +156,8 @@ if triton is not None:
 
     @triton.jit
     def _moe_down_kernel(h_ptr, w2_ptr, sd_ptr, ids_ptr, wt_ptr, y_ptr, D: tl.constexpr, HID: tl.constexpr,
-                         K_TOP: tl.constexpr, N_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         K_TOP: tl.constexpr, N_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         USE_PDL: tl.constexpr):
         # y[token, slot, n]: a routed slot's bf16 output times its routing weight; a shared slot's partial
         # (float32) product over its slice of the shared MLP's hidden units.
         pair = tl.program_id(0)
@@ -111,18 +167,35 @@ if triton is not None:
         mask_n = n < D
         routed = slot < K_TOP
         r_slot = token * K_TOP + tl.minimum(slot, K_TOP - 1)
-        if routed:
-            e = tl.load(ids_ptr + r_slot).to(tl.int64)
-            rows = w2_ptr + e * (D * HID) + n[:, None] * HID
-        else:
-            rows = sd_ptr + n[:, None] * (N_SHARED * HID) + (slot - K_TOP) * HID
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, HID, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
+        if USE_PDL:
+            # The router finished before any gate‖up program passed its wait, and this kernel launches only
+            # after all of them have: the expert ids are final, so this program's whole rows (BLOCK_K >= HID)
+            # are fetched before waiting for h. The ids are read from L2 (".cg"), past any stale L1 line.
+            if routed:
+                e = tl.load(ids_ptr + r_slot, cache_modifier=".cg").to(tl.int64)
+                rows = w2_ptr + e * (D * HID) + n[:, None] * HID
+            else:
+                rows = sd_ptr + n[:, None] * (N_SHARED * HID) + (slot - K_TOP) * HID
+            k = tl.arange(0, BLOCK_K)
             mask_k = k < HID
+            w = tl.load(rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            gdc_wait()
+            gdc_launch_dependents()
             hk = tl.load(h_ptr + pair * HID + k, mask=mask_k, other=0.0).to(tl.float32)
-            w = tl.load(rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(w * hk[None, :], axis=1)
+            acc = tl.sum(w.to(tl.float32) * hk[None, :], axis=1)
+        else:
+            if routed:
+                e = tl.load(ids_ptr + r_slot).to(tl.int64)
+                rows = w2_ptr + e * (D * HID) + n[:, None] * HID
+            else:
+                rows = sd_ptr + n[:, None] * (N_SHARED * HID) + (slot - K_TOP) * HID
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, HID, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = k < HID
+                hk = tl.load(h_ptr + pair * HID + k, mask=mask_k, other=0.0).to(tl.float32)
+                w = tl.load(rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+                acc += tl.sum(w * hk[None, :], axis=1)
         weighted = acc.to(h_ptr.dtype.element_ty).to(tl.float32) * tl.load(wt_ptr + r_slot)
         tl.store(y_ptr + pair * D + n, tl.where(routed, weighted, acc), mask=mask_n)
 
@@ -160,22 +233,26 @@ def moe_decode(x: torch.Tensor, gate_w: torch.Tensor, w13: torch.Tensor, w2: tor
     n_shared = shared_down.shape[1] // hid
     slots = top_k + n_shared
     x = x.contiguous()
+    pdl = _pdl_args(x)
     logits = torch.empty(n, e, dtype=torch.float32, device=x.device)
     ids = torch.empty(n, top_k, dtype=torch.int32, device=x.device)
     wts = torch.empty(n, top_k, dtype=torch.float32, device=x.device)
     _router_kernel[(n, triton.cdiv(e, ROUTER_BLOCK_E))](
         x, gate_w, logits, _route_counter(x.device), ids, wts, D=d, E=e, E_PAD=triton.next_power_of_2(e),
-        K_TOP=top_k, BLOCK_E=ROUTER_BLOCK_E, BLOCK_K=512, num_warps=4)
+        K_TOP=top_k, BLOCK_E=ROUTER_BLOCK_E, BLOCK_K=512, D_PAD=triton.next_power_of_2(d), num_warps=4, **pdl)
     h = torch.empty(n * slots, hid, dtype=x.dtype, device=x.device)
     bn, bk, nw = GATE_UP_CONFIG
     _moe_gate_up_kernel[(n * slots, triton.cdiv(hid, bn))](
         x, w13, shared_gate_up, ids, h, D=d, HID=hid, K_TOP=top_k, N_SHARED=n_shared, BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=nw)
+        num_warps=nw, **pdl)
     y = torch.empty(n, slots, d, dtype=torch.float32, device=x.device)
     bn, bk, nw = DOWN_CONFIG
+    if pdl["USE_PDL"]:
+        bn, nw = DOWN_PDL_CONFIG
+        bk = triton.next_power_of_2(hid)
     _moe_down_kernel[(n * slots, triton.cdiv(d, bn))](
         h, w2, shared_down, ids, wts, y, D=d, HID=hid, K_TOP=top_k, N_SHARED=n_shared, BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=nw)
+        num_warps=nw, **pdl)
     return y
 
 
@@ -184,8 +261,11 @@ if triton is not None:
     @triton.jit
     def _latent_attention_kernel(ql_ptr, qr_ptr, cache_ptr, pos_ptr, acc_ptr, m_ptr, l_ptr, stride_cb, stride_cs,
                                  scale, H: tl.constexpr, R: tl.constexpr, P: tl.constexpr, NSPLIT: tl.constexpr,
-                                 BLOCK_S: tl.constexpr):
+                                 BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr):
         # Row b, split j: positions [start, end) of 0..pos[b]; a partial softmax state per head.
+        if USE_PDL:  # the query and this step's cache row come from the previous kernel
+            gdc_wait()
+            gdc_launch_dependents()
         b = tl.program_id(0)
         j = tl.program_id(1)
         length = tl.load(pos_ptr + b) + 1
@@ -221,8 +301,11 @@ if triton is not None:
 
     @triton.jit
     def _attention_combine_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, H: tl.constexpr, R: tl.constexpr,
-                                  NSPLIT: tl.constexpr, BLOCK_R: tl.constexpr):
+                                  NSPLIT: tl.constexpr, BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr):
         # Merge the splits of row b, head h, for a block of the rank (an empty split has m = -inf, weight 0).
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         b = tl.program_id(0)
         h = tl.program_id(1)
         j = tl.arange(0, NSPLIT)
@@ -235,16 +318,66 @@ if triton is not None:
         tl.store(out_ptr + (b * H + h) * R + r, out.to(out_ptr.dtype.element_ty))
 
     @triton.jit
-    def _absorb_query_kernel(q_ptr, w_ptr, out_ptr, stride_qb, stride_qh, H: tl.constexpr, R: tl.constexpr,
-                             NOPE: tl.constexpr, V: tl.constexpr, BLOCK_R: tl.constexpr):
-        # q_lat[b, h, r] = sum_d q_nope[b, h, d] * kv_b[h * (NOPE + V) + d, r] for a block of r.
+    def _mla_prologue_kernel(qkv_ptr, cs_ptr, nw_ptr, kvb_ptr, cache_ptr, pos_ptr, ql_ptr, qr_ptr, eps, stride_cb,
+                             stride_cs, H: tl.constexpr, NOPE: tl.constexpr, P: tl.constexpr, R: tl.constexpr,
+                             V: tl.constexpr, BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr):
+        # Row b of qkv is [q: H x (NOPE + P) | c: R | k_rope: P]. Program (b, h, j): the absorbed query
+        # q_lat[b, h, r] = sum_d q_nope[b, h, d] * kv_b[h * (NOPE + V) + d, r] for block j of r; block 0 of each
+        # head also rotates that head's rotary query; program (b, 0, 0) writes the cache row at pos[b]:
+        # [rmsnorm(c) * weight, rotated k_rope]. The rotation is upstream's: de-interleave the pairs, then
+        # rotate half: out[i] = x[2i] cos[i] - x[2i+1] sin[i] (i < P/2), x[2i'+1] cos[i] + x[2i'] sin[i] (i' = i - P/2).
         b = tl.program_id(0)
         h = tl.program_id(1)
-        r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+        j = tl.program_id(2)
+        r = j * BLOCK_R + tl.arange(0, BLOCK_R)
         d = tl.arange(0, NOPE)
-        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d).to(tl.float32)
-        w = tl.load(w_ptr + (h * (NOPE + V) + d[:, None]) * R + r[None, :]).to(tl.float32)  # [NOPE, BLOCK_R]
-        tl.store(out_ptr + (b * H + h) * R + r, tl.sum(w * q[:, None], axis=0).to(out_ptr.dtype.element_ty))
+        w = tl.load(kvb_ptr + (h * (NOPE + V) + d[:, None]) * R + r[None, :])  # [NOPE, BLOCK_R]: a constant
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        QW: tl.constexpr = H * (NOPE + P)
+        row = qkv_ptr + b * (QW + R + P)
+        q = tl.load(row + h * (NOPE + P) + d).to(tl.float32)
+        q_lat = tl.sum(w.to(tl.float32) * q[:, None], axis=0)
+        tl.store(ql_ptr + (b * H + h) * R + r, q_lat.to(ql_ptr.dtype.element_ty))
+        if j == 0:
+            i = tl.arange(0, P)
+            first = i < P // 2
+            src = tl.where(first, 2 * i, 2 * i - P + 1)
+            partner = tl.where(first, 2 * i + 1, 2 * i - P)
+            sign = tl.where(first, -1.0, 1.0)
+            cos = tl.load(cs_ptr + b * 2 * P + i)
+            sin = tl.load(cs_ptr + b * 2 * P + P + i)
+            qr = row + h * (NOPE + P) + NOPE
+            x = tl.load(qr + src).to(tl.float32)
+            y = sign * tl.load(qr + partner).to(tl.float32)
+            tl.store(qr_ptr + (b * H + h) * P + i, (x * cos + y * sin).to(qr_ptr.dtype.element_ty))
+            if h == 0:
+                rr = tl.arange(0, R)
+                c = tl.load(row + QW + rr).to(tl.float32)
+                normed = (c * tl.math.rsqrt(tl.sum(c * c, axis=0) / R + eps)).to(cache_ptr.dtype.element_ty)
+                normed = normed.to(tl.float32) * tl.load(nw_ptr + rr).to(tl.float32)
+                slot = cache_ptr + b * stride_cb + tl.load(pos_ptr + b) * stride_cs
+                tl.store(slot + rr, normed.to(cache_ptr.dtype.element_ty))
+                kx = tl.load(row + QW + R + src).to(tl.float32)
+                ky = sign * tl.load(row + QW + R + partner).to(tl.float32)
+                tl.store(slot + R + i, (kx * cos + ky * sin).to(cache_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _value_out_kernel(o_ptr, kvb_ptr, out_ptr, H: tl.constexpr, R: tl.constexpr, NOPE: tl.constexpr,
+                          V: tl.constexpr, BLOCK_V: tl.constexpr, USE_PDL: tl.constexpr):
+        # out[b, h * V + v] = sum_r o_lat[b, h, r] * kv_b[h * (NOPE + V) + NOPE + v, r] for a block of v.
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        v = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
+        r = tl.arange(0, R)
+        w = tl.load(kvb_ptr + (h * (NOPE + V) + NOPE + v[:, None]) * R + r[None, :])  # [BLOCK_V, R]: a constant
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        o = tl.load(o_ptr + (b * H + h) * R + r).to(tl.float32)
+        out = tl.sum(w.to(tl.float32) * o[None, :], axis=1)
+        tl.store(out_ptr + (b * H + h) * V + v, out.to(out_ptr.dtype.element_ty))
 
 
 def latent_attention_ok(heads: int, rank: int, rope: int, nope: int, vdim: int) -> bool:
@@ -255,17 +388,28 @@ def latent_attention_ok(heads: int, rank: int, rope: int, nope: int, vdim: int) 
 ATTENTION_SPLITS, ATTENTION_BLOCK_S = 64, 32  # from the sweep in benchmarks/profile_decode.py (H100)
 
 
-@torch.library.custom_op("dsvl2::absorb_query", mutates_args=())
-def absorb_query(q_nope: torch.Tensor, kv_b: torch.Tensor, vdim: int) -> torch.Tensor:
-    """q_nope [B, H, nope] (any strides, last one 1), kv_b [H * (nope + v), rank] -> q_lat [B, H, rank]: the
-    query taken into the latent space through kv_b's key rows (``einsum("bhd,hdr->bhr")`` of the plain path)."""
-    b, h, nope = q_nope.shape
+@torch.library.custom_op("dsvl2::mla_prologue", mutates_args=("cache",))
+def mla_prologue(qkv: torch.Tensor, cos_sin: torch.Tensor, norm_w: torch.Tensor, eps: float, kv_b: torch.Tensor,
+                 cache: torch.Tensor, pos: torch.Tensor, heads: int, nope: int,
+                 rope: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """From one token's q‖kv_a product per row to what latent attention reads, in one kernel.
+
+    qkv [B, H * (nope + rope) + rank + rope], cos_sin [B, 2, rope] float32 (this row's rotary table), norm_w
+    [rank] (kv_a_layernorm), kv_b [H * (nope + v), rank], cache [B, S, rank + rope], pos [B] ->
+    (q_lat [B, H, rank]: q_nope through kv_b's key rows, q_rope [B, H, rope]: rotated); writes
+    cache[b, pos[b]] = [rmsnorm(c) * norm_w, rotated k_rope], as the plain path's _project and cache write.
+    """
+    b = qkv.shape[0]
     rank = kv_b.shape[1]
-    out = torch.empty(b, h, rank, dtype=q_nope.dtype, device=q_nope.device)
+    vdim = kv_b.shape[0] // heads - nope
+    q_lat = torch.empty(b, heads, rank, dtype=qkv.dtype, device=qkv.device)
+    q_rope = torch.empty(b, heads, rope, dtype=qkv.dtype, device=qkv.device)
     block_r = min(rank, 64)
-    _absorb_query_kernel[(b, h, rank // block_r)](q_nope, kv_b, out, q_nope.stride(0), q_nope.stride(1), H=h,
-                                                  R=rank, NOPE=nope, V=vdim, BLOCK_R=block_r, num_warps=4)
-    return out
+    _mla_prologue_kernel[(b, heads, rank // block_r)](
+        qkv.contiguous(), cos_sin.reshape(b, 2, rope).contiguous(), norm_w, kv_b, cache, pos, q_lat, q_rope, eps,
+        cache.stride(0), cache.stride(1), H=heads, NOPE=nope, P=rope, R=rank, V=vdim, BLOCK_R=block_r, num_warps=4,
+        **_pdl_args(qkv))
+    return q_lat, q_rope
 
 
 @torch.library.custom_op("dsvl2::latent_attention", mutates_args=())
@@ -277,15 +421,30 @@ def latent_attention(q_lat: torch.Tensor, q_rope: torch.Tensor, cache: torch.Ten
     """
     b, h, rank = q_lat.shape
     n_split = ATTENTION_SPLITS
+    pdl = _pdl_args(q_lat)
     acc = torch.empty(b, n_split, h, rank, dtype=torch.float32, device=q_lat.device)
     m = torch.empty(b, n_split, h, dtype=torch.float32, device=q_lat.device)
     lse = torch.empty(b, n_split, h, dtype=torch.float32, device=q_lat.device)
     _latent_attention_kernel[(b, n_split)](
         q_lat.contiguous(), q_rope.contiguous(), cache, pos, acc, m, lse, cache.stride(0), cache.stride(1), scale,
-        H=h, R=rank, P=q_rope.shape[-1], NSPLIT=n_split, BLOCK_S=ATTENTION_BLOCK_S)
+        H=h, R=rank, P=q_rope.shape[-1], NSPLIT=n_split, BLOCK_S=ATTENTION_BLOCK_S, **pdl)
     out = torch.empty(b, h, rank, dtype=q_lat.dtype, device=q_lat.device)
     block_r = min(rank, 128)
-    _attention_combine_kernel[(b, h, rank // block_r)](acc, m, lse, out, H=h, R=rank, NSPLIT=n_split, BLOCK_R=block_r)
+    _attention_combine_kernel[(b, h, rank // block_r)](acc, m, lse, out, H=h, R=rank, NSPLIT=n_split,
+                                                       BLOCK_R=block_r, **pdl)
+    return out
+
+
+@torch.library.custom_op("dsvl2::value_out", mutates_args=())
+def value_out(o_lat: torch.Tensor, kv_b: torch.Tensor, nope: int) -> torch.Tensor:
+    """o_lat [B, H, rank] (attention over the latent cache), kv_b [H * (nope + v), rank] -> [B, H * v]: the values'
+    rows of kv_b applied per head (``einsum("bhr,hvr->bhv")`` of the plain path)."""
+    b, h, rank = o_lat.shape
+    vdim = kv_b.shape[0] // h - nope
+    out = torch.empty(b, h * vdim, dtype=o_lat.dtype, device=o_lat.device)
+    block_v = min(vdim, 16)
+    _value_out_kernel[(b, h, vdim // block_v)](o_lat.contiguous(), kv_b, out, H=h, R=rank, NOPE=nope, V=vdim,
+                                               BLOCK_V=block_v, num_warps=4, **_pdl_args(o_lat))
     return out
 
 
@@ -293,26 +452,37 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, NOUT: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
+                     BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
         # y[t, n] = bf16(sum_k x[t, k] w[n, k]) for a block of output rows n of token t (float32 accumulation).
         t = tl.program_id(1)
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = n < NOUT
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            xk = tl.load(x_ptr + t * K + k).to(tl.float32)
-            w = tl.load(w_ptr + n[:, None].to(tl.int64) * K + k[None, :], mask=mask_n[:, None], other=0.0)
-            acc += tl.sum(w.to(tl.float32) * xk[None, :], axis=1)
+        if USE_PDL:  # the program's whole rows (BLOCK_K >= K) are fetched before waiting for x
+            k = tl.arange(0, BLOCK_K)
+            mask = mask_n[:, None] & (k < K)[None, :]
+            w = tl.load(w_ptr + n[:, None].to(tl.int64) * K + k[None, :], mask=mask, other=0.0)
+            gdc_wait()
+            gdc_launch_dependents()
+            xk = tl.load(x_ptr + t * K + k, mask=k < K, other=0.0).to(tl.float32)
+            acc = tl.sum(w.to(tl.float32) * xk[None, :], axis=1)
+        else:
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                mask = mask_n[:, None] & (k < K)[None, :]
+                xk = tl.load(x_ptr + t * K + k, mask=k < K, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + n[:, None].to(tl.int64) * K + k[None, :], mask=mask, other=0.0)
+                acc += tl.sum(w.to(tl.float32) * xk[None, :], axis=1)
         tl.store(y_ptr + t * NOUT + n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
 GEMV_CONFIG = (4, 512, 1)  # BLOCK_N, BLOCK_K, num_warps: from the sweep in benchmarks/profile_decode.py (H100)
+GEMV_PDL_CONFIG = (4, 2)  # BLOCK_N, num_warps of the whole-row variant launched with PDL
 
 
 def gemv_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """A few rows times a weight whose input width is a multiple of the block: the matrix-vector kernel."""
-    return available(x) and x.numel() // x.shape[-1] <= 8 and w.shape[1] % GEMV_CONFIG[1] == 0
+    """A few rows (decode) times a weight of at most 4096 inputs: the matrix-vector kernel."""
+    return available(x) and x.numel() // x.shape[-1] <= 8 and w.shape[1] <= 4096
 
 
 @torch.library.custom_op("dsvl2::gemv", mutates_args=())
@@ -321,15 +491,20 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     k = x.shape[-1]
     rows = x.numel() // k
     y = torch.empty(*x.shape[:-1], w.shape[0], dtype=x.dtype, device=x.device)
-    bn, bk, nw = GEMV_CONFIG
+    pdl = _pdl_args(x)
+    if pdl["USE_PDL"]:
+        bn, nw = GEMV_PDL_CONFIG
+        bk = triton.next_power_of_2(k)
+    else:
+        bn, bk, nw = GEMV_CONFIG
     _gemv_kernel[(triton.cdiv(w.shape[0], bn), rows)](x.contiguous(), w, y, NOUT=w.shape[0], K=k, BLOCK_N=bn,
-                                                      BLOCK_K=bk, num_warps=nw)
+                                                      BLOCK_K=bk, num_warps=nw, **pdl)
     return y
 
 
-# The three decode-time kernels are registered as custom operators, so torch.compile keeps each decoder layer
-# one graph around them (the element-wise code between them fuses) instead of breaking the graph at every
-# launch; these fake implementations give the compiler their output shapes.
+# The decode-time kernels are registered as custom operators, so torch.compile keeps each decoder layer one
+# graph around them (the element-wise code between them fuses) instead of breaking the graph at every launch;
+# these fake implementations give the compiler their output shapes.
 
 
 @moe_decode.register_fake
@@ -337,14 +512,21 @@ def _(x, gate_w, w13, w2, shared_gate_up, shared_down, top_k):
     return x.new_empty(x.shape[0], top_k + shared_down.shape[1] // w2.shape[2], x.shape[1], dtype=torch.float32)
 
 
+@mla_prologue.register_fake
+def _(qkv, cos_sin, norm_w, eps, kv_b, cache, pos, heads, nope, rope):
+    b = qkv.shape[0]
+    return qkv.new_empty(b, heads, kv_b.shape[1]), qkv.new_empty(b, heads, rope)
+
+
 @latent_attention.register_fake
 def _(q_lat, q_rope, cache, pos, scale):
     return torch.empty_like(q_lat)
 
 
-@absorb_query.register_fake
-def _(q_nope, kv_b, vdim):
-    return q_nope.new_empty(q_nope.shape[0], q_nope.shape[1], kv_b.shape[1])
+@value_out.register_fake
+def _(o_lat, kv_b, nope):
+    b, h, _ = o_lat.shape
+    return o_lat.new_empty(b, kv_b.shape[0] - h * nope)
 
 
 @gemv.register_fake

@@ -89,7 +89,7 @@ class Attention(nn.Module):
         """x [B, T, D] -> q_nope [B, T, H, nope], q_rope [B, T, H, rope], latent [B, T, rank + rope]"""
         b, t, _ = x.shape
         if self.q_kv_a.numel():
-            qkv = kernels.gemv(x, self.q_kv_a) if kernels.gemv_ok(x, self.q_kv_a) else F.linear(x, self.q_kv_a)
+            qkv = F.linear(x, self.q_kv_a)
             q, kv = qkv.split([self.q_proj.weight.shape[0], self.rank + self.rope], dim=-1)
         else:
             q, kv = self.q_proj(x), self.kv_a_proj_with_mqa(x)
@@ -124,26 +124,34 @@ class Attention(nn.Module):
         Fixed shapes whatever the positions, so a step can be captured in a CUDA graph.
         """
         b = x.shape[0]
+        if self._kernels_ok(x):
+            # Five kernels: q‖kv_a; the query absorbed into the latent space (plus the rotary parts and this
+            # token's cache row); attention over the cache up to pos only; the value rows of kv_b; o_proj.
+            qkv = kernels.gemv(x[:, 0], self.q_kv_a)
+            norm = self.kv_a_layernorm
+            q_lat, q_rope = kernels.mla_prologue(qkv, cos_sin[:, 0], norm.weight, norm.eps, self.kv_b_proj.weight,
+                                                 cache, pos, self.h, self.nope, self.rope)
+            o_lat = kernels.latent_attention(q_lat, q_rope, cache, pos, self.scale)
+            out = kernels.value_out(o_lat, self.kv_b_proj.weight, self.nope)
+            return kernels.gemv(out, self.o_proj.weight)[:, None]
         q_nope, q_rope, latent = self._project(x, cos_sin)
         rows = torch.arange(b, device=x.device)
         cache[rows, pos] = latent[:, 0]
         w = self.kv_b_proj.weight.view(self.h, self.nope + self.vdim, self.rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]  # [H, nope, rank], [H, v, rank]
-        if kernels.available(x) and kernels.latent_attention_ok(self.h, self.rank, self.rope, self.nope, self.vdim):
-            # The query into the latent space, then attention over the cache up to pos only.
-            q_lat = kernels.absorb_query(q_nope[:, 0], self.kv_b_proj.weight, self.vdim)  # [B, H, rank]
-            o_lat = kernels.latent_attention(q_lat, q_rope[:, 0], cache, pos, self.scale)
-        else:
-            q_lat = torch.einsum("bhd,hdr->bhr", q_nope[:, 0], w_uk)  # [B, H, rank]
-            q_full = torch.cat([q_lat, q_rope[:, 0]], dim=-1)  # [B, H, rank + rope]
-            scores = torch.matmul(q_full, cache.transpose(1, 2)).float() * self.scale  # [B, H, S]
-            visible = torch.arange(cache.shape[1], device=x.device)[None, :] <= pos[:, None]  # [B, S]
-            scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
-            probs = scores.softmax(dim=-1).to(x.dtype)
-            o_lat = torch.matmul(probs, cache[..., : self.rank])  # [B, H, rank]
+        q_lat = torch.einsum("bhd,hdr->bhr", q_nope[:, 0], w_uk)  # [B, H, rank]
+        q_full = torch.cat([q_lat, q_rope[:, 0]], dim=-1)  # [B, H, rank + rope]
+        scores = torch.matmul(q_full, cache.transpose(1, 2)).float() * self.scale  # [B, H, S]
+        visible = torch.arange(cache.shape[1], device=x.device)[None, :] <= pos[:, None]  # [B, S]
+        scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1).to(x.dtype)
+        o_lat = torch.matmul(probs, cache[..., : self.rank])  # [B, H, rank]
         out = torch.einsum("bhr,hvr->bhv", o_lat, w_uv).reshape(b, 1, self.h * self.vdim)
-        w_o = self.o_proj.weight
-        return kernels.gemv(out, w_o) if kernels.gemv_ok(out, w_o) else self.o_proj(out)
+        return self.o_proj(out)
+
+    def _kernels_ok(self, x: torch.Tensor) -> bool:
+        return (kernels.available(x) and self.q_kv_a.numel() > 0 and kernels.gemv_ok(x, self.q_kv_a)
+                and kernels.latent_attention_ok(self.h, self.rank, self.rope, self.nope, self.vdim))
 
 
 class DecoderLayer(nn.Module):

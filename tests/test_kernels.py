@@ -23,27 +23,42 @@ def errors() -> dict[str, float]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_fused_decode_moe_equals_the_plain_moe_block(errors: dict[str, float]) -> None:
+# Each check runs twice: as launched the ordinary way ("") and as launched with programmatic dependent launch
+# ("pdl_": the variants that fetch their weights before waiting for the previous kernel).
+LAUNCH_MODES = pytest.mark.parametrize("mode", ["", "pdl_"])
+
+
+@LAUNCH_MODES
+def test_fused_decode_moe_equals_the_plain_moe_block(errors: dict[str, float], mode: str) -> None:
     # Router (softmax, top-k of 12 experts), routed and shared experts in three kernels vs the expert loop
     # plus the shared MLP: a wrong expert choice or weight would be off by far more than rounding.
     for tokens in (1, 3):
-        assert errors[f"moe_torch.float32_{tokens}"] < 1e-5
-        assert errors[f"moe_torch.bfloat16_{tokens}"] < 3e-2
+        assert errors[f"{mode}moe_torch.float32_{tokens}"] < 1e-5
+        assert errors[f"{mode}moe_torch.bfloat16_{tokens}"] < 3e-2
     # The router's last-program-done counters are reset by every launch (a CUDA graph replays them).
-    assert errors["route_counters_back_to_zero"] == 1.0
+    assert errors[f"{mode}route_counters_back_to_zero"] == 1.0
 
 
-def test_latent_attention_kernel_equals_the_plain_attention(errors: dict[str, float]) -> None:
-    # Three rows at positions 0, 5 and 1117 (longer than the splits x block), float32.
-    assert errors["attention_torch.float32"] < 1e-5
-    assert errors["attention_cache_equal"] == 1.0
+@LAUNCH_MODES
+def test_latent_attention_kernels_equal_the_plain_attention(errors: dict[str, float], mode: str) -> None:
+    # Three rows at positions 0, 5 and 1117 (longer than the splits x block), float32, through the prologue,
+    # attention, merge and value kernels.
+    assert errors[f"{mode}attention_kernel_path"] == 1.0
+    assert errors[f"{mode}attention_torch.float32"] < 1e-5
+    # The prologue kernel writes this token's cache row as the plain path does (normed latent, rotated key) and
+    # touches no other row.
+    assert errors[f"{mode}attention_cache_rows_rel"] < 1e-6
+    assert errors[f"{mode}attention_cache_rows_changed"] > 0.1
+    assert errors[f"{mode}attention_cache_rest_equal"] == 1.0
 
 
-def test_gemv_kernel_equals_linear(errors: dict[str, float]) -> None:
-    assert errors["gemv_torch.float32"] < 1e-5
-    assert errors["gemv_torch.bfloat16"] < 1e-2  # one bf16 rounding of the outputs, different summation order
+@LAUNCH_MODES
+def test_gemv_kernel_equals_linear(errors: dict[str, float], mode: str) -> None:
+    assert errors[f"{mode}gemv_torch.float32"] < 1e-5
+    assert errors[f"{mode}gemv_torch.bfloat16"] < 1e-2  # one bf16 rounding of the outputs, another summation order
 
 
 def test_decode_layer_compiles_as_one_graph_around_the_kernels(errors: dict[str, float]) -> None:
     # torch.compile(fullgraph=True) raises on any graph break; the compiled step equals the plain one.
     assert errors["layer_fullgraph_float32"] < 1e-5
+    assert errors["layer_fullgraph_cache"] < 1e-6  # the cache-writing kernel mutates the cache under compile
