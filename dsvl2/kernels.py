@@ -75,34 +75,42 @@ def _pdl_args(x: torch.Tensor) -> dict:
 # Block sizes of the expert kernels (BLOCK_N, BLOCK_K, num_warps), chosen by benchmarks/profile_decode.py on an H100.
 GATE_UP_CONFIG = (8, 512, 2)
 DOWN_CONFIG = (16, 128, 8)
-DOWN_PDL_CONFIG = (16, 8)  # BLOCK_N, num_warps of the whole-row variant launched with PDL
+DOWN_PDL_CONFIG = (8, 4)  # BLOCK_N, num_warps of the whole-row variant launched with PDL (profile_decode.py sweep)
 
 
 if triton is not None:
 
     @triton.jit
-    def _router_kernel(x_ptr, w_ptr, logits_ptr, count_ptr, ids_ptr, wt_ptr, D: tl.constexpr, E: tl.constexpr,
-                       E_PAD: tl.constexpr, K_TOP: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                       D_PAD: tl.constexpr, USE_PDL: tl.constexpr):
+    def _router_kernel(x_ptr, a_ptr, nw_ptr, eps, res_ptr, xn_ptr, w_ptr, logits_ptr, count_ptr, ids_ptr, wt_ptr,
+                       D: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr, K_TOP: tl.constexpr,
+                       BLOCK_E: tl.constexpr, D_PAD: tl.constexpr, NORM: tl.constexpr, USE_PDL: tl.constexpr):
         # Gate logits in float32 for one token and a block of experts; the token's last program to finish
         # takes the softmax over all experts and the top K (weights not renormalised), then resets the count.
+        # With NORM the input is the layer's residual stream x and attention output a: each program computes
+        # res = x + a and xn = RMSNorm(res) itself (as the plain path rounds them), and the token's first
+        # program stores both for the expert kernels and the residual add.
         t = tl.program_id(0)
-        e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+        eb = tl.program_id(1)
+        e = eb * BLOCK_E + tl.arange(0, BLOCK_E)
         mask_e = e < E
-        if USE_PDL:  # the gate rows are constants: fetched before waiting for x
-            k = tl.arange(0, D_PAD)
-            w = tl.load(w_ptr + e[:, None] * D + k[None, :], mask=mask_e[:, None] & (k < D)[None, :], other=0.0)
+        k = tl.arange(0, D_PAD)
+        mask_k = k < D
+        w = tl.load(w_ptr + e[:, None] * D + k[None, :], mask=mask_e[:, None] & mask_k[None, :], other=0.0)
+        if USE_PDL:  # the gate rows are constants: fetched before waiting for the input
             gdc_wait()
             gdc_launch_dependents()
-            xk = tl.load(x_ptr + t * D + k, mask=k < D, other=0.0).to(tl.float32)
-            acc = tl.sum(w.to(tl.float32) * xk[None, :], axis=1)
+        if NORM:
+            dtype = x_ptr.dtype.element_ty
+            xa = tl.load(x_ptr + t * D + k, mask=mask_k, other=0.0).to(tl.float32)
+            res = (xa + tl.load(a_ptr + t * D + k, mask=mask_k, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+            normed = (res * tl.math.rsqrt(tl.sum(res * res, axis=0) / D + eps)).to(dtype).to(tl.float32)
+            xk = (normed * tl.load(nw_ptr + k, mask=mask_k, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+            if eb == 0:
+                tl.store(res_ptr + t * D + k, res.to(dtype), mask=mask_k)
+                tl.store(xn_ptr + t * D + k, xk.to(dtype), mask=mask_k)
         else:
-            acc = tl.zeros([BLOCK_E], dtype=tl.float32)
-            for k0 in range(0, D, BLOCK_K):
-                k = k0 + tl.arange(0, BLOCK_K)
-                xk = tl.load(x_ptr + t * D + k).to(tl.float32)
-                w = tl.load(w_ptr + e[:, None] * D + k[None, :], mask=mask_e[:, None], other=0.0).to(tl.float32)
-                acc += tl.sum(w * xk[None, :], axis=1)
+            xk = tl.load(x_ptr + t * D + k, mask=mask_k, other=0.0).to(tl.float32)
+        acc = tl.sum(w.to(tl.float32) * xk[None, :], axis=1)
         tl.store(logits_ptr + t * E + e, acc, mask=mask_e)
         finished = tl.atomic_add(count_ptr + t, 1, sem="acq_rel")  # orders the stores above before it
         if finished == tl.num_programs(1) - 1:
@@ -219,31 +227,29 @@ def _route_counter(device: torch.device) -> torch.Tensor:
     return _route_counters[device]
 
 
-@torch.library.custom_op("dsvl2::moe_decode", mutates_args=())  # opaque to torch.compile: see the end
-def moe_decode(x: torch.Tensor, gate_w: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, shared_gate_up: torch.Tensor,
-               shared_down: torch.Tensor, top_k: int) -> torch.Tensor:
-    """The whole MoE block of a few tokens in three kernels: routing (float32 gate logits, softmax, top-k), then
-    the routed and shared experts side by side (the shared ones as expert-wide slices of the shared MLP).
-
-    x [N, D] -> y [N, top_k + n_shared, D] float32: rows < top_k are weighted bf16 routed outputs, the rest
-    partial sums of the shared MLP; ``y[:, :k].sum(1)`` and ``y[:, k:].sum(1)`` are what ``MoE`` adds.
-    """
+def _moe_block(x: torch.Tensor, a: torch.Tensor | None, norm_w: torch.Tensor | None, eps: float, gate_w: torch.Tensor,
+               w13: torch.Tensor, w2: torch.Tensor, shared_gate_up: torch.Tensor, shared_down: torch.Tensor,
+               top_k: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The three launches of ``moe_decode`` and ``moe_decode_residual`` -> (x + a or None, slot outputs)."""
     n, d = x.shape
     e, hid = w13.shape[0], w2.shape[2]
     n_shared = shared_down.shape[1] // hid
     slots = top_k + n_shared
     x = x.contiguous()
     pdl = _pdl_args(x)
+    norm = a is not None
+    res, xn = (torch.empty_like(x), torch.empty_like(x)) if norm else (None, x)
     logits = torch.empty(n, e, dtype=torch.float32, device=x.device)
     ids = torch.empty(n, top_k, dtype=torch.int32, device=x.device)
     wts = torch.empty(n, top_k, dtype=torch.float32, device=x.device)
     _router_kernel[(n, triton.cdiv(e, ROUTER_BLOCK_E))](
-        x, gate_w, logits, _route_counter(x.device), ids, wts, D=d, E=e, E_PAD=triton.next_power_of_2(e),
-        K_TOP=top_k, BLOCK_E=ROUTER_BLOCK_E, BLOCK_K=512, D_PAD=triton.next_power_of_2(d), num_warps=4, **pdl)
+        x, a.contiguous() if norm else x, norm_w if norm else x, eps, res if norm else x, xn, gate_w, logits,
+        _route_counter(x.device), ids, wts, D=d, E=e, E_PAD=triton.next_power_of_2(e), K_TOP=top_k,
+        BLOCK_E=ROUTER_BLOCK_E, D_PAD=triton.next_power_of_2(d), NORM=norm, num_warps=4, **pdl)
     h = torch.empty(n * slots, hid, dtype=x.dtype, device=x.device)
     bn, bk, nw = GATE_UP_CONFIG
     _moe_gate_up_kernel[(n * slots, triton.cdiv(hid, bn))](
-        x, w13, shared_gate_up, ids, h, D=d, HID=hid, K_TOP=top_k, N_SHARED=n_shared, BLOCK_N=bn, BLOCK_K=bk,
+        xn, w13, shared_gate_up, ids, h, D=d, HID=hid, K_TOP=top_k, N_SHARED=n_shared, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=nw, **pdl)
     y = torch.empty(n, slots, d, dtype=torch.float32, device=x.device)
     bn, bk, nw = DOWN_CONFIG
@@ -253,7 +259,29 @@ def moe_decode(x: torch.Tensor, gate_w: torch.Tensor, w13: torch.Tensor, w2: tor
     _moe_down_kernel[(n * slots, triton.cdiv(d, bn))](
         h, w2, shared_down, ids, wts, y, D=d, HID=hid, K_TOP=top_k, N_SHARED=n_shared, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=nw, **pdl)
-    return y
+    return res, y
+
+
+@torch.library.custom_op("dsvl2::moe_decode", mutates_args=())  # opaque to torch.compile: see the end
+def moe_decode(x: torch.Tensor, gate_w: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, shared_gate_up: torch.Tensor,
+               shared_down: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The whole MoE block of a few tokens in three kernels: routing (float32 gate logits, softmax, top-k), then
+    the routed and shared experts side by side (the shared ones as expert-wide slices of the shared MLP).
+
+    x [N, D] -> y [N, top_k + n_shared, D] float32: rows < top_k are weighted bf16 routed outputs, the rest
+    partial sums of the shared MLP; ``y[:, :k].sum(1)`` and ``y[:, k:].sum(1)`` are what ``MoE`` adds.
+    """
+    return _moe_block(x, None, None, 0.0, gate_w, w13, w2, shared_gate_up, shared_down, top_k)[1]
+
+
+@torch.library.custom_op("dsvl2::moe_decode_residual", mutates_args=())
+def moe_decode_residual(x: torch.Tensor, a: torch.Tensor, norm_w: torch.Tensor, eps: float, gate_w: torch.Tensor,
+                        w13: torch.Tensor, w2: torch.Tensor, shared_gate_up: torch.Tensor, shared_down: torch.Tensor,
+                        top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``moe_decode`` of RMSNorm(x + a) (weight norm_w), the residual add and the norm done in the router kernel:
+    x, a [N, D] -> (x + a [N, D], y as ``moe_decode``). The decoder layer adds the experts to x + a."""
+    res, y = _moe_block(x, a, norm_w, eps, gate_w, w13, w2, shared_gate_up, shared_down, top_k)
+    return res, y
 
 
 if triton is not None:
@@ -477,7 +505,7 @@ if triton is not None:
 
 
 GEMV_CONFIG = (4, 512, 1)  # BLOCK_N, BLOCK_K, num_warps: from the sweep in benchmarks/profile_decode.py (H100)
-GEMV_PDL_CONFIG = (4, 2)  # BLOCK_N, num_warps of the whole-row variant launched with PDL
+GEMV_PDL_CONFIG = (2, 2)  # BLOCK_N, num_warps of the whole-row variant launched with PDL (sweep as above)
 
 
 def gemv_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -510,6 +538,12 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 @moe_decode.register_fake
 def _(x, gate_w, w13, w2, shared_gate_up, shared_down, top_k):
     return x.new_empty(x.shape[0], top_k + shared_down.shape[1] // w2.shape[2], x.shape[1], dtype=torch.float32)
+
+
+@moe_decode_residual.register_fake
+def _(x, a, norm_w, eps, gate_w, w13, w2, shared_gate_up, shared_down, top_k):
+    slots = top_k + shared_down.shape[1] // w2.shape[2]
+    return torch.empty_like(x), x.new_empty(x.shape[0], slots, x.shape[1], dtype=torch.float32)
 
 
 @mla_prologue.register_fake

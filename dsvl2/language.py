@@ -169,7 +169,10 @@ class DecoderLayer(nn.Module):
 
     def decode(self, x: torch.Tensor, cos_sin: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One token per row: x [B, 1, D], pos [B]. Kept separate so it can be compiled on its own."""
-        x = x + self.self_attn.decode(self.input_layernorm(x), cos_sin, cache, pos)
+        a = self.self_attn.decode(self.input_layernorm(x), cos_sin, cache, pos)
+        if isinstance(self.mlp, MoE) and self.mlp.decode_kernels_ok(x):
+            return self.mlp.decode_residual(x, a, self.post_attention_layernorm)  # the add and norm in a kernel
+        x = x + a
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

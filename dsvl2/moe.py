@@ -87,16 +87,35 @@ class MoE(nn.Module):
         scores = F.linear(x.float(), self.gate.weight.float()).softmax(dim=-1)
         return torch.topk(scores, self.top_k, dim=-1, sorted=False)
 
+    def decode_kernels_ok(self, x: torch.Tensor) -> bool:
+        """Whether x's tokens (a few: decode) run through the fused decode kernels."""
+        return (self.impl == "grouped" and kernels.available(x) and self.shared_experts.gate_up.numel() > 0
+                and kernels.moe_decode_ok(x.numel() // x.shape[-1], self.top_k, x.shape[-1]))
+
+    def _expert_weights(self) -> tuple[torch.Tensor, ...]:
+        return (self.gate.weight, self.experts.w13, self.experts.w2, self.shared_experts.gate_up,
+                self.shared_experts.down_proj.weight)
+
+    def _add_slots(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The fused kernels' slot outputs [N, k + shared, D] -> the block's output [N, D] (rounded as the plain
+        path: each sum to the model's dtype, then their sum)."""
+        return y[:, : self.top_k].sum(1).to(dtype) + y[:, self.top_k:].sum(1).to(dtype)
+
+    def decode_residual(self, x: torch.Tensor, a: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """h + MoE(norm(h)) with h = x + a, for a few tokens: the residual add and the norm run inside the
+        router kernel (see ``kernels.moe_decode_residual``). x, a [..., D] -> [..., D]"""
+        d = x.shape[-1]
+        h, y = kernels.moe_decode_residual(x.reshape(-1, d), a.reshape(-1, d), norm.weight, norm.eps,
+                                           *self._expert_weights(), self.top_k)
+        return (h + self._add_slots(y, x.dtype)).view(x.shape)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
-        if (self.impl == "grouped" and kernels.available(x) and self.shared_experts.gate_up.numel()
-                and kernels.moe_decode_ok(x.shape[0], self.top_k, x.shape[1])):
+        if self.decode_kernels_ok(x):
             # Decode: routing, routed and shared experts in three kernels that read only the chosen experts.
-            y = kernels.moe_decode(x, self.gate.weight, self.experts.w13, self.experts.w2,
-                                   self.shared_experts.gate_up, self.shared_experts.down_proj.weight, self.top_k)
-            routed, shared = y[:, : self.top_k].sum(1), y[:, self.top_k:].sum(1)
-            return (routed.to(x.dtype) + shared.to(x.dtype)).view(shape)
+            y = kernels.moe_decode(x, *self._expert_weights(), self.top_k)
+            return self._add_slots(y, x.dtype).view(shape)
         weights, ids = self.route(x)
         if self.impl == "loop":
             y = looped_experts(x, weights, ids, self.experts)

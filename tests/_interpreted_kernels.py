@@ -100,32 +100,34 @@ def check_kernels(tag: str) -> None:
     results[f"{tag}attention_cache_rest_equal"] = float(torch.equal(ref_cache, got_cache))
 
 
+    # A whole MoE decoder layer's decode step through torch.compile with fullgraph=True: the kernels are custom
+    # operators, so Dynamo traces the layer as one graph (no breaks), and the result equals the plain step.
+    lcfg = LanguageConfig(hidden_size=512, num_attention_heads=16, kv_lora_rank=64, qk_rope_head_dim=16,
+                          qk_nope_head_dim=16, v_head_dim=16, moe_intermediate_size=64, n_routed_experts=8,
+                          num_experts_per_tok=2, n_shared_experts=2)
+    dlayer = DecoderLayer(lcfg, 1)
+    for name, p in dlayer.named_parameters():
+        p.data.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name else 0.05)
+    for module in dlayer.modules():
+        if hasattr(module, "fuse"):
+            module.fuse()
+    table = rope_table(64, lcfg.qk_rope_head_dim, lcfg.rope_theta, "cpu")
+    pos = torch.tensor([7, 30])
+    x = torch.randn(2, 1, lcfg.hidden_size)
+    cache = torch.randn(2, 64, lcfg.kv_lora_rank + lcfg.qk_rope_head_dim)
+    ref_cache, got_cache = cache.clone(), cache.clone()
+    with torch.inference_mode():
+        ref = dlayer.decode(x, table[pos][:, None], ref_cache, pos)
+        with mock.patch.object(kernels, "available", lambda t: True):
+            results[f"{tag}layer_moe_kernel_path"] = float(dlayer.mlp.decode_kernels_ok(x))
+            step = torch.compile(dlayer.decode, backend="eager", fullgraph=True)
+            got = step(x, table[pos][:, None], got_cache, pos)
+    results[f"{tag}layer_fullgraph_float32"] = rel(got, ref)
+    results[f"{tag}layer_fullgraph_cache"] = rel(got_cache, ref_cache)  # the compiled step writes the cache
+
+
 for pdl in (False, True):
     with launch_mode(pdl):
         check_kernels("pdl_" if pdl else "")
-
-# A whole MoE decoder layer's decode step through torch.compile with fullgraph=True: the kernels are custom
-# operators, so Dynamo traces the layer as one graph (no breaks), and the result equals the plain step.
-lcfg = LanguageConfig(hidden_size=512, num_attention_heads=16, kv_lora_rank=64, qk_rope_head_dim=16,
-                      qk_nope_head_dim=16, v_head_dim=16, moe_intermediate_size=64, n_routed_experts=8,
-                      num_experts_per_tok=2, n_shared_experts=2)
-dlayer = DecoderLayer(lcfg, 1)
-for name, p in dlayer.named_parameters():
-    p.data.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name else 0.05)
-for module in dlayer.modules():
-    if hasattr(module, "fuse"):
-        module.fuse()
-table = rope_table(64, lcfg.qk_rope_head_dim, lcfg.rope_theta, "cpu")
-pos = torch.tensor([7, 30])
-x = torch.randn(2, 1, lcfg.hidden_size)
-cache = torch.randn(2, 64, lcfg.kv_lora_rank + lcfg.qk_rope_head_dim)
-ref_cache, got_cache = cache.clone(), cache.clone()
-with torch.inference_mode():
-    ref = dlayer.decode(x, table[pos][:, None], ref_cache, pos)
-    with mock.patch.object(kernels, "available", lambda t: True):
-        step = torch.compile(dlayer.decode, backend="eager", fullgraph=True)
-        got = step(x, table[pos][:, None], got_cache, pos)
-results["layer_fullgraph_float32"] = rel(got, ref)
-results["layer_fullgraph_cache"] = rel(got_cache, ref_cache)  # the compiled step writes the cache in place
 
 print(json.dumps(results))
