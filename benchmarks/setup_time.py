@@ -2,10 +2,7 @@
 warm-up compiles, then the decode graphs are captured on the loaded weights. Afterwards (not timed) every 25th
 checkpoint tensor is compared with the model's parameter it was copied into.
 
-    python benchmarks/setup_time.py CHECKPOINT_DIR [--direct-copy]
-
-``--direct-copy`` copies each tensor straight from the memory-mapped shard (pageable memory) instead of
-through the loader's pinned staging buffers, for comparison.
+    python benchmarks/setup_time.py CHECKPOINT_DIR
 """
 
 from __future__ import annotations
@@ -20,10 +17,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dsvl2.engine import Engine  # noqa: E402
-from dsvl2.loader import DROPPED_PREFIXES, StagedCopier, _expert_rows, _target, iter_tensors, shard_files  # noqa: E402
-
-if "--direct-copy" in sys.argv:
-    StagedCopier.copy = lambda self, dst, src: dst.copy_(src)
+from dsvl2.loader import DROPPED_PREFIXES, _expert_rows, _target, iter_tensors, shard_files  # noqa: E402
 
 t_import = time.perf_counter() - t_start
 t0 = time.perf_counter()
