@@ -152,12 +152,11 @@ def load_into(model: DeepseekVL2, ckpt: str | Path, log: Callable[[str], None] =
     t0 = time.perf_counter()
     params = dict(model.named_parameters())  # after finish_loading: views into the side-by-side stacks too
 
-    device = model.device
-    copier = StagedCopier(pin=device.type == "cuda")
-
     def put(target: str, slot: tuple[int, int] | None, src: torch.Tensor) -> None:
-        copier.copy(params[target] if slot is None else _expert_rows(params[target], slot, src.shape[0]), src)
+        dst = params[target] if slot is None else _expert_rows(params[target], slot, src.shape[0])
+        dst.copy_(src)
 
+    device = model.device
     if device.type == "cuda":
         stream = torch.cuda.Stream(device)
         with torch.cuda.stream(stream):
@@ -166,39 +165,6 @@ def load_into(model: DeepseekVL2, ckpt: str | Path, log: Callable[[str], None] =
     else:
         n_bytes = _fill(params, ckpt, put)
     log(f"loaded {n_bytes / 1e9:.2f} GB from {ckpt} into the model on {device} in {time.perf_counter() - t0:.1f} s")
-
-
-class StagedCopier:
-    """Copies into a (GPU) tensor through a few pinned host buffers, in chunks: the read of the memory-mapped
-    source, which page-faults on a cold page cache, is a plain host copy into a buffer, and the transfer is
-    an asynchronous copy from pinned memory on the current stream. A direct copy from pageable memory would
-    do that disk-bound read inside the CUDA driver call, beside the warm-up that compiles and launches kernels
-    from the main thread. Without ``pin`` (CPU targets) the same chunked copies run synchronously."""
-
-    def __init__(self, chunk_bytes: int = 64 << 20, buffers: int = 3, pin: bool = True) -> None:
-        self.chunk = chunk_bytes
-        self.buffers = [torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(buffers)]
-        self.done: list[torch.cuda.Event | None] = [None] * buffers  # when each buffer's transfer has finished
-        self.turn = 0
-
-    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """dst.copy_(src) for a contiguous dst of src's shape (any dtypes)."""
-        if not dst.is_contiguous() or dst.shape != src.shape:
-            raise ValueError(f"staged copy into a {'non-contiguous ' * (not dst.is_contiguous())}tensor "
-                             f"of shape {list(dst.shape)} from {list(src.shape)}")
-        out, flat = dst.view(-1), src.reshape(-1)
-        per = max(1, self.chunk // src.element_size())
-        for start in range(0, flat.numel(), per):
-            part = flat[start:start + per]
-            i, self.turn = self.turn, (self.turn + 1) % len(self.buffers)
-            if self.done[i] is not None:
-                self.done[i].synchronize()  # the buffer's previous transfer must have left it
-            staged = self.buffers[i][: part.numel() * part.element_size()].view(part.dtype)
-            staged.copy_(part)
-            out[start:start + part.numel()].copy_(staged, non_blocking=dst.is_cuda)
-            if dst.is_cuda:
-                self.done[i] = torch.cuda.Event()
-                self.done[i].record()
 
 
 def _fill(params: dict[str, nn.Parameter], ckpt: Path,

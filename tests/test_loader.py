@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from dsvl2.config import ModelConfig
 from dsvl2.errors import CheckpointError
-from dsvl2.loader import StagedCopier, load_model
+from dsvl2.loader import load_model
 from dsvl2.tiny import build_random_checkpoint, preset_config
 
 GOLDEN_CKPT = Path(__file__).parent / "fixtures" / "golden" / "checkpoint"
@@ -154,19 +154,3 @@ def test_built_checkpoint_round_trips(tmp_path: Path) -> None:
         f"model-0000{i}-of-000003.safetensors" for i in (1, 2, 3)]
     model = load_model(ckpt, "cpu", torch.float32)
     assert model.language.model.layers[1].mlp.experts.w13.shape == (8, 64, 64)
-
-
-def test_staged_copier_copies_in_chunks_through_few_buffers() -> None:
-    # 1000 bf16 values (2000 bytes) through 2 buffers of 64 bytes: 63 chunks, the buffers reused in turn, into
-    # float32 (a conversion) and bf16 targets, and a slice of a stacked parameter as the loader uses it.
-    copier = StagedCopier(chunk_bytes=64, buffers=2, pin=False)
-    src = torch.randn(40, 25).to(torch.bfloat16)
-    for dtype in (torch.float32, torch.bfloat16):
-        dst = torch.zeros(40, 25, dtype=dtype)
-        copier.copy(dst, src)
-        assert torch.equal(dst, src.to(dtype))
-    stack = torch.zeros(3, 80, 25, dtype=torch.bfloat16)
-    copier.copy(stack[1, 40:], src)
-    assert torch.equal(stack[1, 40:], src) and not stack[1, :40].any() and not stack[0].any() and not stack[2].any()
-    with pytest.raises(ValueError, match="non-contiguous"):
-        copier.copy(torch.zeros(25, 40).t(), src)
