@@ -1,5 +1,6 @@
 """Time a service start in a fresh process as setup() does it: the weights load in a background thread while
-warm-up compiles, then the decode graphs are captured on the loaded weights.
+warm-up compiles, then the decode graphs are captured on the loaded weights. Afterwards (not timed) every 25th
+checkpoint tensor is compared with the model's parameter it was copied into.
 
     python benchmarks/setup_time.py CHECKPOINT_DIR
 """
@@ -16,15 +17,31 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dsvl2.engine import Engine  # noqa: E402
+from dsvl2.loader import DROPPED_PREFIXES, _expert_rows, _target, iter_tensors, shard_files  # noqa: E402
 
 t_import = time.perf_counter() - t_start
 t0 = time.perf_counter()
+torch.zeros(1, device="cuda")
+t_cuda = time.perf_counter() - t0
 engine = Engine.from_pretrained(sys.argv[1], "cuda", torch.bfloat16, log=lambda s: print(s, flush=True),
                                 background_load=True)
 torch.cuda.synchronize()
 t_load = time.perf_counter() - t0
 engine.warmup()
 torch.cuda.synchronize()
-print(json.dumps({"import_s": round(t_import, 1), "allocate_s": round(t_load, 1),
-                  "load_and_warmup_s": round(time.perf_counter() - t0 - t_load, 1),
-                  "setup_s": round(time.perf_counter() - t_start, 1)}))
+timings = {"import_s": round(t_import, 1), "cuda_init_s": round(t_cuda, 1), "allocate_s": round(t_load - t_cuda, 1),
+           "load_and_warmup_s": round(time.perf_counter() - t0 - t_load, 1),
+           "setup_s": round(time.perf_counter() - t_start, 1)}
+
+ckpt = Path(sys.argv[1])
+params = dict(engine.model.named_parameters())
+names = {n: p for n, p in shard_files(ckpt).items() if not n.startswith(DROPPED_PREFIXES)}
+checked = mismatched = 0
+for i, (name, path, src) in enumerate(iter_tensors(ckpt, names)):
+    if i % 25:
+        continue
+    target, slot = _target(name, params, path)
+    dst = params[target] if slot is None else _expert_rows(params[target], slot, src.shape[0])
+    checked += 1
+    mismatched += not torch.equal(dst.cpu(), src)
+print(json.dumps({**timings, "tensors_checked": checked, "tensors_mismatched": mismatched}))
