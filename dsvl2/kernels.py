@@ -163,13 +163,11 @@ if triton is not None:
         tl.store(h_ptr + pair * HID + n, (act * u_r).to(h_ptr.dtype.element_ty), mask=mask_n)
 
     @triton.jit
-    def _moe_down_kernel(h_ptr, w2_ptr, sd_ptr, ids_ptr, wt_ptr, y_ptr, res_ptr, out_ptr, count_ptr, D: tl.constexpr,
-                         HID: tl.constexpr, K_TOP: tl.constexpr, N_SHARED: tl.constexpr, SLOTS_PAD: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_RES: tl.constexpr, USE_PDL: tl.constexpr):
+    def _moe_down_kernel(h_ptr, w2_ptr, sd_ptr, ids_ptr, wt_ptr, y_ptr, D: tl.constexpr, HID: tl.constexpr,
+                         K_TOP: tl.constexpr, N_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         USE_PDL: tl.constexpr):
         # y[token, slot, n]: a routed slot's bf16 output times its routing weight; a shared slot's partial
-        # (float32) product over its slice of the shared MLP's hidden units. The last of a block of rows' slot
-        # programs to finish (atomic count) adds the slots up, as the plain path rounds them: out = [res +]
-        # (bf16(sum of routed) + bf16(sum of shared)), and resets the count.
+        # (float32) product over its slice of the shared MLP's hidden units.
         pair = tl.program_id(0)
         token = pair // (K_TOP + N_SHARED)
         slot = pair % (K_TOP + N_SHARED)
@@ -206,27 +204,13 @@ if triton is not None:
                 hk = tl.load(h_ptr + pair * HID + k, mask=mask_k, other=0.0).to(tl.float32)
                 w = tl.load(rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
                 acc += tl.sum(w * hk[None, :], axis=1)
-        dtype = h_ptr.dtype.element_ty
-        weighted = acc.to(dtype).to(tl.float32) * tl.load(wt_ptr + r_slot)
+        weighted = acc.to(h_ptr.dtype.element_ty).to(tl.float32) * tl.load(wt_ptr + r_slot)
         tl.store(y_ptr + pair * D + n, tl.where(routed, weighted, acc), mask=mask_n)
-        SLOTS: tl.constexpr = K_TOP + N_SHARED
-        counter = count_ptr + token * tl.num_programs(1) + tl.program_id(1)
-        if tl.atomic_add(counter, 1, sem="acq_rel") == SLOTS - 1:  # orders the store above before it
-            s = tl.arange(0, SLOTS_PAD)
-            ys = tl.load(y_ptr + (token * SLOTS + s[:, None]) * D + n[None, :],
-                         mask=(s < SLOTS)[:, None] & mask_n[None, :], other=0.0, cache_modifier=".cg")
-            routed_sum = tl.sum(tl.where((s < K_TOP)[:, None], ys, 0.0), axis=0).to(dtype).to(tl.float32)
-            shared_sum = tl.sum(tl.where((s >= K_TOP)[:, None], ys, 0.0), axis=0).to(dtype).to(tl.float32)
-            out = (routed_sum + shared_sum).to(dtype)
-            if HAS_RES:
-                out = (tl.load(res_ptr + token * D + n, mask=mask_n).to(tl.float32) + out.to(tl.float32)).to(dtype)
-            tl.store(out_ptr + token * D + n, out, mask=mask_n)
-            tl.store(counter, 0)
 
 
 ROUTER_BLOCK_E = 1
 MAX_DECODE_TOKENS = 64
-_counters: dict[tuple[torch.device, str], torch.Tensor] = {}
+_route_counters: dict[torch.device, torch.Tensor] = {}
 
 
 def moe_decode_ok(n_tokens: int, top_k: int, dim: int) -> bool:
@@ -234,21 +218,19 @@ def moe_decode_ok(n_tokens: int, top_k: int, dim: int) -> bool:
     return triton is not None and n_tokens * top_k <= MAX_DECODE_TOKENS and dim % 512 == 0
 
 
-def _counter(device: torch.device, name: str, size: int) -> torch.Tensor:
-    """Arrival counts for a kernel's last-program-done step (``size`` of them); every launch leaves them at zero
-    again, so one zeroed buffer per device serves every launch and every CUDA-graph replay."""
-    key = (device, name)
-    if key not in _counters or _counters[key].numel() < size:
+def _route_counter(device: torch.device) -> torch.Tensor:
+    """Per-token arrival counts of the router's programs; every launch leaves them at zero again."""
+    if device not in _route_counters:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("run the fused MoE once before capturing it in a CUDA graph")
-        _counters[key] = torch.zeros(max(size, MAX_DECODE_TOKENS), dtype=torch.int32, device=device)
-    return _counters[key]
+        _route_counters[device] = torch.zeros(MAX_DECODE_TOKENS, dtype=torch.int32, device=device)
+    return _route_counters[device]
 
 
 def _moe_block(x: torch.Tensor, a: torch.Tensor | None, norm_w: torch.Tensor | None, eps: float, gate_w: torch.Tensor,
                w13: torch.Tensor, w2: torch.Tensor, shared_gate_up: torch.Tensor, shared_down: torch.Tensor,
-               top_k: int) -> torch.Tensor:
-    """The three launches of ``moe_decode`` (a None) and ``moe_decode_residual``."""
+               top_k: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The three launches of ``moe_decode`` and ``moe_decode_residual`` -> (x + a or None, slot outputs)."""
     n, d = x.shape
     e, hid = w13.shape[0], w2.shape[2]
     n_shared = shared_down.shape[1] // hid
@@ -262,7 +244,7 @@ def _moe_block(x: torch.Tensor, a: torch.Tensor | None, norm_w: torch.Tensor | N
     wts = torch.empty(n, top_k, dtype=torch.float32, device=x.device)
     _router_kernel[(n, triton.cdiv(e, ROUTER_BLOCK_E))](
         x, a.contiguous() if norm else x, norm_w if norm else x, eps, res if norm else x, xn, gate_w, logits,
-        _counter(x.device, "router", n), ids, wts, D=d, E=e, E_PAD=triton.next_power_of_2(e), K_TOP=top_k,
+        _route_counter(x.device), ids, wts, D=d, E=e, E_PAD=triton.next_power_of_2(e), K_TOP=top_k,
         BLOCK_E=ROUTER_BLOCK_E, D_PAD=triton.next_power_of_2(d), NORM=norm, num_warps=4, **pdl)
     h = torch.empty(n * slots, hid, dtype=x.dtype, device=x.device)
     bn, bk, nw = GATE_UP_CONFIG
@@ -274,13 +256,10 @@ def _moe_block(x: torch.Tensor, a: torch.Tensor | None, norm_w: torch.Tensor | N
     if pdl["USE_PDL"]:
         bn, nw = DOWN_PDL_CONFIG
         bk = triton.next_power_of_2(hid)
-    blocks = triton.cdiv(d, bn)
-    out = torch.empty_like(x)
-    _moe_down_kernel[(n * slots, blocks)](
-        h, w2, shared_down, ids, wts, y, res if norm else x, out, _counter(x.device, "down", n * blocks), D=d,
-        HID=hid, K_TOP=top_k, N_SHARED=n_shared, SLOTS_PAD=triton.next_power_of_2(slots), BLOCK_N=bn, BLOCK_K=bk,
-        HAS_RES=norm, num_warps=nw, **pdl)
-    return out
+    _moe_down_kernel[(n * slots, triton.cdiv(d, bn))](
+        h, w2, shared_down, ids, wts, y, D=d, HID=hid, K_TOP=top_k, N_SHARED=n_shared, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=nw, **pdl)
+    return res, y
 
 
 @torch.library.custom_op("dsvl2::moe_decode", mutates_args=())  # opaque to torch.compile: see the end
@@ -289,19 +268,20 @@ def moe_decode(x: torch.Tensor, gate_w: torch.Tensor, w13: torch.Tensor, w2: tor
     """The whole MoE block of a few tokens in three kernels: routing (float32 gate logits, softmax, top-k), then
     the routed and shared experts side by side (the shared ones as expert-wide slices of the shared MLP).
 
-    x [N, D] -> [N, D]: the weighted routed outputs summed in float32, the shared MLP's partial sums likewise,
-    each rounded to x's dtype, then added (the plain path's rounding).
+    x [N, D] -> y [N, top_k + n_shared, D] float32: rows < top_k are weighted bf16 routed outputs, the rest
+    partial sums of the shared MLP; ``y[:, :k].sum(1)`` and ``y[:, k:].sum(1)`` are what ``MoE`` adds.
     """
-    return _moe_block(x, None, None, 0.0, gate_w, w13, w2, shared_gate_up, shared_down, top_k)
+    return _moe_block(x, None, None, 0.0, gate_w, w13, w2, shared_gate_up, shared_down, top_k)[1]
 
 
 @torch.library.custom_op("dsvl2::moe_decode_residual", mutates_args=())
 def moe_decode_residual(x: torch.Tensor, a: torch.Tensor, norm_w: torch.Tensor, eps: float, gate_w: torch.Tensor,
                         w13: torch.Tensor, w2: torch.Tensor, shared_gate_up: torch.Tensor, shared_down: torch.Tensor,
-                        top_k: int) -> torch.Tensor:
-    """A decoder layer's second half in three kernels: h = x + a, then h + MoE(RMSNorm(h)) (norm weight norm_w),
-    the add and the norm done in the router kernel, the slots summed and added to h in the down kernel."""
-    return _moe_block(x, a, norm_w, eps, gate_w, w13, w2, shared_gate_up, shared_down, top_k)
+                        top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``moe_decode`` of RMSNorm(x + a) (weight norm_w), the residual add and the norm done in the router kernel:
+    x, a [N, D] -> (x + a [N, D], y as ``moe_decode``). The decoder layer adds the experts to x + a."""
+    res, y = _moe_block(x, a, norm_w, eps, gate_w, w13, w2, shared_gate_up, shared_down, top_k)
+    return res, y
 
 
 if triton is not None:
@@ -557,12 +537,13 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 @moe_decode.register_fake
 def _(x, gate_w, w13, w2, shared_gate_up, shared_down, top_k):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape[0], top_k + shared_down.shape[1] // w2.shape[2], x.shape[1], dtype=torch.float32)
 
 
 @moe_decode_residual.register_fake
 def _(x, a, norm_w, eps, gate_w, w13, w2, shared_gate_up, shared_down, top_k):
-    return torch.empty_like(x)
+    slots = top_k + shared_down.shape[1] // w2.shape[2]
+    return torch.empty_like(x), x.new_empty(x.shape[0], slots, x.shape[1], dtype=torch.float32)
 
 
 @mla_prologue.register_fake

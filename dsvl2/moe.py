@@ -96,21 +96,26 @@ class MoE(nn.Module):
         return (self.gate.weight, self.experts.w13, self.experts.w2, self.shared_experts.gate_up,
                 self.shared_experts.down_proj.weight)
 
+    def _add_slots(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The fused kernels' slot outputs [N, k + shared, D] -> the block's output [N, D] (rounded as the plain
+        path: each sum to the model's dtype, then their sum)."""
+        return y[:, : self.top_k].sum(1).to(dtype) + y[:, self.top_k:].sum(1).to(dtype)
+
     def decode_residual(self, x: torch.Tensor, a: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-        """h + MoE(norm(h)) with h = x + a, for a few tokens, in three kernels (``kernels.moe_decode_residual``:
-        the add and the norm in the router kernel, the sum of the experts and h in the down kernel).
-        x, a [..., D] -> [..., D]"""
+        """h + MoE(norm(h)) with h = x + a, for a few tokens: the residual add and the norm run inside the
+        router kernel (see ``kernels.moe_decode_residual``). x, a [..., D] -> [..., D]"""
         d = x.shape[-1]
-        out = kernels.moe_decode_residual(x.reshape(-1, d), a.reshape(-1, d), norm.weight, norm.eps,
-                                          *self._expert_weights(), self.top_k)
-        return out.view(x.shape)
+        h, y = kernels.moe_decode_residual(x.reshape(-1, d), a.reshape(-1, d), norm.weight, norm.eps,
+                                           *self._expert_weights(), self.top_k)
+        return (h + self._add_slots(y, x.dtype)).view(x.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
         if self.decode_kernels_ok(x):
             # Decode: routing, routed and shared experts in three kernels that read only the chosen experts.
-            return kernels.moe_decode(x, *self._expert_weights(), self.top_k).view(shape)
+            y = kernels.moe_decode(x, *self._expert_weights(), self.top_k)
+            return self._add_slots(y, x.dtype).view(shape)
         weights, ids = self.route(x)
         if self.impl == "loop":
             y = looped_experts(x, weights, ids, self.experts)
