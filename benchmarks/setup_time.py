@@ -2,10 +2,10 @@
 warm-up compiles, then the decode graphs are captured on the loaded weights. Afterwards (not timed) every 25th
 checkpoint tensor is compared with the model's parameter it was copied into.
 
-    python benchmarks/setup_time.py CHECKPOINT_DIR [--old-loader]
+    python benchmarks/setup_time.py CHECKPOINT_DIR [--read-ahead-all]
 
-``--old-loader`` loads as the loader did before 2026-11-25's session 3, for comparison: every shard's read
-requested at once, and each tensor copied to the GPU straight from the memory-mapped shard.
+``--read-ahead-all`` asks the kernel to read every shard at once when the load starts (the loader before
+2026-11-25's session 3) instead of the loader's bounded window, for comparison.
 """
 
 from __future__ import annotations
@@ -52,9 +52,8 @@ def read_ahead_all() -> None:
 
 
 t0 = time.perf_counter()
-if "--old-loader" in sys.argv:
+if "--read-ahead-all" in sys.argv:
     loader.READ_AHEAD_BYTES = 0
-    loader.PinnedReader.copy = lambda self, dst, src, path, offset: dst.copy_(src)
     threading.Thread(target=read_ahead_all, daemon=True).start()
 torch.zeros(1, device="cuda")
 t_cuda = time.perf_counter() - t0

@@ -82,12 +82,6 @@ def read_header(path: Path) -> dict[str, dict]:
 
 def iter_tensors(ckpt: Path, names: dict[str, Path]) -> Iterator[tuple[str, Path, torch.Tensor]]:
     """Yield (name, shard, tensor) with each tensor a zero-copy view of its memory-mapped shard."""
-    for name, path, _, tensor in _iter_entries(ckpt, names):
-        yield name, path, tensor
-
-
-def _iter_entries(ckpt: Path, names: dict[str, Path]) -> Iterator[tuple[str, Path, int, torch.Tensor]]:
-    """Yield (name, shard, byte offset in the shard, memory-mapped view), shard by shard in file order."""
     by_file: dict[Path, list[str]] = {}
     for name, path in names.items():
         by_file.setdefault(path, []).append(name)
@@ -103,7 +97,7 @@ def _iter_entries(ckpt: Path, names: dict[str, Path]) -> Iterator[tuple[str, Pat
                     raise CheckpointError(f"{path}: the index lists tensor {name} but the shard does not contain it")
                 info = header[name]
                 ahead.advance(info["start"] + info["data_offsets"][1] - info["data_offsets"][0])
-                yield name, path, info["start"], _view(mm, info)
+                yield name, path, _view(mm, info)
 
 
 def _view(mm: mmap.mmap, info: dict) -> torch.Tensor:
@@ -146,7 +140,7 @@ def load_model(ckpt: str | Path, device: str | torch.device = "cpu", dtype: torc
     params = dict(model.named_parameters())
     stacked: dict[str, torch.Tensor] = {}
 
-    def put(target: str, slot: tuple[int, int] | None, src: torch.Tensor, where: tuple[Path, int]) -> None:
+    def put(target: str, slot: tuple[int, int] | None, src: torch.Tensor) -> None:
         if slot is None:
             _assign(model, target, src.to(device=device, dtype=dtype))
             return
@@ -183,34 +177,25 @@ def load_into(model: DeepseekVL2, ckpt: str | Path, log: Callable[[str], None] =
     t0 = time.perf_counter()
     params = dict(model.named_parameters())  # after finish_loading: views into the side-by-side stacks too
 
-    def put(target: str, slot: tuple[int, int] | None, src: torch.Tensor, where: tuple[Path, int]) -> None:
+    def put(target: str, slot: tuple[int, int] | None, src: torch.Tensor) -> None:
         dst = params[target] if slot is None else _expert_rows(params[target], slot, src.shape[0])
         dst.copy_(src)
 
     device = model.device
     if device.type == "cuda":
-        reader = PinnedReader()
-
-        def put_pinned(target: str, slot: tuple[int, int] | None, src: torch.Tensor, where: tuple[Path, int]) -> None:
-            dst = params[target] if slot is None else _expert_rows(params[target], slot, src.shape[0])
-            reader.copy(dst, src, *where)
-
         stream = torch.cuda.Stream(device)
-        try:
-            with torch.cuda.stream(stream):
-                n_bytes = _fill(params, ckpt, put_pinned)
-            stream.synchronize()
-        finally:
-            reader.close()
+        with torch.cuda.stream(stream):
+            n_bytes = _fill(params, ckpt, put)
+        stream.synchronize()
     else:
         n_bytes = _fill(params, ckpt, put)
     log(f"loaded {n_bytes / 1e9:.2f} GB from {ckpt} into the model on {device} in {time.perf_counter() - t0:.1f} s")
 
 
 def _fill(params: dict[str, nn.Parameter], ckpt: Path,
-          put: Callable[[str, tuple[int, int] | None, torch.Tensor, tuple[Path, int]], None]) -> int:
+          put: Callable[[str, tuple[int, int] | None, torch.Tensor], None]) -> int:
     """Check every checkpoint tensor against the model and hand it to ``put(parameter name, (expert, row
-    block) or None, tensor, (shard, byte offset))``; every parameter must be filled. Returns the bytes read."""
+    block) or None, tensor)``; every parameter must be filled. Returns the bytes read."""
     # What must be filled: every plain parameter, and every (expert, row block) of a stacked one.
     unfilled: set = set()
     for n, p in params.items():
@@ -221,7 +206,7 @@ def _fill(params: dict[str, nn.Parameter], ckpt: Path,
             unfilled.add(n)
     names = {n: p for n, p in shard_files(ckpt).items() if not n.startswith(DROPPED_PREFIXES)}
     n_bytes = 0
-    for name, path, start, src in _iter_entries(ckpt, names):
+    for name, path, src in iter_tensors(ckpt, names):
         target, slot = _target(name, params, path)
         param = params[target]
         expected = param.shape if slot is None else expert_matrix_shape(target.rpartition(".")[2], param.shape)
@@ -229,58 +214,12 @@ def _fill(params: dict[str, nn.Parameter], ckpt: Path,
             raise CheckpointError(
                 f"{path}: tensor {name} has shape {list(src.shape)}, the config expects {list(expected)}")
         n_bytes += src.numel() * src.element_size()
-        put(target, slot, src, (path, start))
+        put(target, slot, src)
         unfilled.discard(target if slot is None else (target, *slot))
     if unfilled:
         missing = sorted(_describe(u) for u in unfilled)
         raise CheckpointError(f"{ckpt}: {len(missing)} parameter(s) not in the checkpoint, e.g. {missing[:5]}")
     return n_bytes
-
-
-class PinnedReader:
-    """Reads checkpoint bytes with plain file reads into a few pinned host buffers, in chunks, and copies them to
-    the GPU asynchronously on the current stream. The background load uses it instead of copying from the
-    memory-mapped shard: page faults on a memory map take the process's address-space lock, which every other
-    thread's memory mapping (the compiler's allocations, module loads) then waits for, and the compile running
-    beside the load measured 2-3x slower than alone."""
-
-    def __init__(self, chunk_bytes: int = 64 << 20, buffers: int = 3, pin: bool = True) -> None:
-        self.chunk = chunk_bytes
-        self.buffers = [torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(buffers)]
-        self.done: list[torch.cuda.Event | None] = [None] * buffers  # when each buffer's transfer has finished
-        self.turn = 0
-        self.files: dict[Path, int] = {}
-
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, path: Path, offset: int) -> None:
-        """dst.copy_(src) where src (its shape and dtype) is stored at ``offset`` of ``path``; dst contiguous."""
-        if not dst.is_contiguous() or dst.shape != src.shape:
-            raise ValueError(f"a pinned read into a tensor of shape {list(dst.shape)} (contiguous: "
-                             f"{dst.is_contiguous()}) from {list(src.shape)}")
-        if path not in self.files:
-            self.files[path] = os.open(path, os.O_RDONLY)
-        fd, out, size = self.files[path], dst.view(-1), src.element_size()
-        per = max(1, self.chunk // size)
-        for first in range(0, src.numel(), per):
-            count = min(per, src.numel() - first)
-            i, self.turn = self.turn, (self.turn + 1) % len(self.buffers)
-            if self.done[i] is not None:
-                self.done[i].synchronize()  # the buffer's previous transfer must have left it
-            staged = self.buffers[i][: count * size]
-            view, got = memoryview(staged.numpy()), 0
-            while got < len(view):
-                n = os.preadv(fd, [view[got:]], offset + first * size + got)
-                if n <= 0:
-                    raise CheckpointError(f"{path}: ended at byte {offset + first * size + got} inside a tensor")
-                got += n
-            out[first:first + count].copy_(staged.view(src.dtype), non_blocking=dst.is_cuda)
-            if dst.is_cuda:
-                self.done[i] = torch.cuda.Event()
-                self.done[i].record()
-
-    def close(self) -> None:
-        for fd in self.files.values():
-            os.close(fd)
-        self.files.clear()
 
 
 def _expert_rows(stack: torch.Tensor, slot: tuple[int, int], rows: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from dsvl2.config import ModelConfig
 from dsvl2.errors import CheckpointError
-from dsvl2.loader import PinnedReader, _iter_entries, load_model, shard_files
+from dsvl2.loader import load_model
 from dsvl2.tiny import build_random_checkpoint, preset_config
 
 GOLDEN_CKPT = Path(__file__).parent / "fixtures" / "golden" / "checkpoint"
@@ -154,20 +154,3 @@ def test_built_checkpoint_round_trips(tmp_path: Path) -> None:
         f"model-0000{i}-of-000003.safetensors" for i in (1, 2, 3)]
     model = load_model(ckpt, "cpu", torch.float32)
     assert model.language.model.layers[1].mlp.experts.w13.shape == (8, 64, 64)
-
-
-def test_pinned_reader_reads_every_tensor_as_the_memory_map_has_it(ckpt: Path) -> None:
-    # The background load's reader: plain file reads in 64-byte chunks through 2 reused buffers (pinning off on
-    # the CPU), into bf16 and float32 targets; every golden tensor equals its memory-mapped view.
-    reader = PinnedReader(chunk_bytes=64, buffers=2, pin=False)
-    names = shard_files(ckpt)
-    try:
-        for i, (_, path, start, src) in enumerate(_iter_entries(ckpt, names)):
-            dst = torch.full(src.shape, float("nan"), dtype=torch.float32 if i % 2 else src.dtype)
-            reader.copy(dst, src, path, start)
-            assert torch.equal(dst, src.to(dst.dtype))
-        assert i + 1 == len(names)
-        with pytest.raises(ValueError, match="contiguous"):
-            reader.copy(torch.zeros(4, 6).t(), torch.zeros(6, 4), path, start)
-    finally:
-        reader.close()
