@@ -2,18 +2,13 @@
 warm-up compiles, then the decode graphs are captured on the loaded weights. Afterwards (not timed) every 25th
 checkpoint tensor is compared with the model's parameter it was copied into.
 
-    python benchmarks/setup_time.py CHECKPOINT_DIR [--read-ahead-all]
-
-``--read-ahead-all`` asks the kernel to read every shard at once when the load starts (the loader before
-2026-11-25's session 3) instead of the loader's bounded window, for comparison.
+    python benchmarks/setup_time.py CHECKPOINT_DIR
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,40 +16,11 @@ t_start = time.perf_counter()
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import dsvl2.engine  # noqa: E402
-from dsvl2 import loader  # noqa: E402
 from dsvl2.engine import Engine  # noqa: E402
 from dsvl2.loader import DROPPED_PREFIXES, _expert_rows, _target, iter_tensors, shard_files  # noqa: E402
 
 t_import = time.perf_counter() - t_start
-phases: dict[str, float] = {}
-
-
-def timed(name, fn):
-    def run(*args, **kwargs):
-        t = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            phases[name] = round(time.perf_counter() - t, 2)
-    return run
-
-
-dsvl2.engine.allocate_model = timed("allocate_model_s", dsvl2.engine.allocate_model)
-dsvl2.engine.Processor.from_pretrained = timed("processor_s", dsvl2.engine.Processor.from_pretrained)
-
-
-def read_ahead_all() -> None:
-    for shard in set(shard_files(Path(sys.argv[1])).values()):
-        fd = os.open(shard, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        os.close(fd)
-
-
 t0 = time.perf_counter()
-if "--read-ahead-all" in sys.argv:
-    loader.READ_AHEAD_BYTES = 0
-    threading.Thread(target=read_ahead_all, daemon=True).start()
 torch.zeros(1, device="cuda")
 t_cuda = time.perf_counter() - t0
 engine = Engine.from_pretrained(sys.argv[1], "cuda", torch.bfloat16, log=lambda s: print(s, flush=True),
@@ -65,7 +31,7 @@ engine.warmup()
 torch.cuda.synchronize()
 timings = {"import_s": round(t_import, 1), "cuda_init_s": round(t_cuda, 1), "allocate_s": round(t_load - t_cuda, 1),
            "load_and_warmup_s": round(time.perf_counter() - t0 - t_load, 1),
-           "setup_s": round(time.perf_counter() - t_start, 1), **phases}
+           "setup_s": round(time.perf_counter() - t_start, 1)}
 
 ckpt = Path(sys.argv[1])
 params = dict(engine.model.named_parameters())

@@ -90,42 +90,17 @@ def iter_tensors(ckpt: Path, names: dict[str, Path]) -> Iterator[tuple[str, Path
         with path.open("rb") as f:
             # ACCESS_COPY: a private mapping, so torch can wrap it without a writable-buffer warning.
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            ahead = _ReadAhead(f.fileno())
-            # In file order (a missing tensor first, to fail early): the disk reads sequentially.
-            for name in sorted(wanted, key=lambda n: header[n]["start"] if n in header else -1):
-                if name not in header:
-                    raise CheckpointError(f"{path}: the index lists tensor {name} but the shard does not contain it")
-                info = header[name]
-                ahead.advance(info["start"] + info["data_offsets"][1] - info["data_offsets"][0])
-                yield name, path, _view(mm, info)
-
-
-def _view(mm: mmap.mmap, info: dict) -> torch.Tensor:
-    """A checkpoint tensor as a zero-copy view of its memory-mapped shard."""
-    dtype = _DTYPES[info["dtype"]]
-    count = (info["data_offsets"][1] - info["data_offsets"][0]) // dtype.itemsize
-    if not count:
-        return torch.empty(0, dtype=dtype).view(info["shape"])
-    return torch.frombuffer(mm, dtype=dtype, count=count, offset=info["start"]).view(info["shape"])
-
-
-READ_AHEAD_BYTES = 256 << 20
-
-
-class _ReadAhead:
-    """Keeps the kernel reading a bounded window (READ_AHEAD_BYTES) ahead of the tensor being copied, so the disk
-    stays busy on a cold page cache without queueing the whole checkpoint at once: a 32 GB queue would hold up
-    every other file read of the process (imports, compiler caches) for as long as the load takes."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.issued = 0
-
-    def advance(self, end: int) -> None:
-        target = end + READ_AHEAD_BYTES
-        if target > self.issued and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self.fd, self.issued, target - self.issued, os.POSIX_FADV_WILLNEED)
-            self.issued = target
+        for name in wanted:
+            if name not in header:
+                raise CheckpointError(f"{path}: the index lists tensor {name} but the shard does not contain it")
+            info = header[name]
+            dtype = _DTYPES[info["dtype"]]
+            count = (info["data_offsets"][1] - info["data_offsets"][0]) // dtype.itemsize
+            if count:
+                t = torch.frombuffer(mm, dtype=dtype, count=count, offset=info["start"])
+            else:
+                t = torch.empty(0, dtype=dtype)
+            yield name, path, t.view(info["shape"])
 
 
 def load_model(ckpt: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
@@ -205,6 +180,7 @@ def _fill(params: dict[str, nn.Parameter], ckpt: Path,
         else:
             unfilled.add(n)
     names = {n: p for n, p in shard_files(ckpt).items() if not n.startswith(DROPPED_PREFIXES)}
+    _read_ahead(set(names.values()))
     n_bytes = 0
     for name, path, src in iter_tensors(ckpt, names):
         target, slot = _target(name, params, path)
@@ -226,6 +202,19 @@ def _expert_rows(stack: torch.Tensor, slot: tuple[int, int], rows: int) -> torch
     """The rows of one expert's checkpoint matrix inside a stacked parameter [E, blocks * rows, cols]."""
     expert, block = slot
     return stack[expert, block * rows:(block + 1) * rows]
+
+
+def _read_ahead(paths: set[Path]) -> None:
+    """Ask the kernel to start reading every shard now, in parallel, rather than page by page as
+    tensors are touched: on a cold page cache this keeps the disk busy for the whole load."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
 
 
 def _describe(item: str | tuple[str, int, int]) -> str:
