@@ -16,10 +16,26 @@ t_start = time.perf_counter()
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dsvl2.engine  # noqa: E402
 from dsvl2.engine import Engine  # noqa: E402
 from dsvl2.loader import DROPPED_PREFIXES, _expert_rows, _target, iter_tensors, shard_files  # noqa: E402
 
 t_import = time.perf_counter() - t_start
+phases: dict[str, float] = {}
+
+
+def timed(name, fn):
+    def run(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            phases[name] = round(time.perf_counter() - t, 2)
+    return run
+
+
+dsvl2.engine.allocate_model = timed("allocate_model_s", dsvl2.engine.allocate_model)
+dsvl2.engine.Processor.from_pretrained = timed("processor_s", dsvl2.engine.Processor.from_pretrained)
 t0 = time.perf_counter()
 torch.zeros(1, device="cuda")
 t_cuda = time.perf_counter() - t0
@@ -31,7 +47,7 @@ engine.warmup()
 torch.cuda.synchronize()
 timings = {"import_s": round(t_import, 1), "cuda_init_s": round(t_cuda, 1), "allocate_s": round(t_load - t_cuda, 1),
            "load_and_warmup_s": round(time.perf_counter() - t0 - t_load, 1),
-           "setup_s": round(time.perf_counter() - t_start, 1)}
+           "setup_s": round(time.perf_counter() - t_start, 1), **phases}
 
 ckpt = Path(sys.argv[1])
 params = dict(engine.model.named_parameters())
