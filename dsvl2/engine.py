@@ -102,6 +102,7 @@ class Engine:
         self.prefill_graphs: dict[tuple[int, int], tuple | bool] = {}
         self.graph_prefill = True
         self._prefill_pool = None
+        self._prefill_buffer: torch.Tensor | None = None  # see _prefill_input
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
@@ -268,8 +269,16 @@ class Engine:
         graph.replay()
         return out
 
+    def _prefill_input(self, size: int) -> torch.Tensor:
+        """The static input of the captured prefill for ``size`` positions: [1, size, D], a view of one buffer
+        of the whole context shared by every length bucket (one prefill runs at a time)."""
+        if self._prefill_buffer is None:
+            d = self.model.cfg.language.hidden_size
+            self._prefill_buffer = torch.zeros(1, self.context, d, dtype=self.model.dtype, device=self.device)
+        return self._prefill_buffer[:, :size]
+
     def _capture_prefill(self, size: int, row: int) -> tuple | bool:
-        x = torch.zeros(1, size, self.model.cfg.language.hidden_size, dtype=self.model.dtype, device=self.device)
+        x = self._prefill_input(size)
         last = torch.zeros(1, dtype=torch.int64, device=self.device)
         try:
             # The warm-up run builds the compiled code for this length before the capture.

@@ -223,3 +223,12 @@ def test_generation_through_the_bucketed_prefill_equals_the_plain_one(engine: En
     (size, _), = engine.prefill_graphs
     assert size % 64 == 0 and size > ref.stats.prompt_tokens  # really padded
     assert got.output_ids == ref.output_ids and len(got.output_ids) == 16
+
+
+def test_prefill_buckets_share_one_static_input(engine: Engine) -> None:
+    # Each captured prefill's static input is a view of one context-long buffer, not an allocation per bucket.
+    small, large = engine._prefill_input(64), engine._prefill_input(192)
+    assert small.shape == (1, 64, engine.model.cfg.language.hidden_size) and large.shape[1] == 192
+    assert small.data_ptr() == large.data_ptr() == engine._prefill_buffer.data_ptr()
+    assert engine._prefill_buffer.shape[1] == engine.context
+
