@@ -2,7 +2,10 @@
 warm-up compiles, then the decode graphs are captured on the loaded weights. Afterwards (not timed) every 25th
 checkpoint tensor is compared with the model's parameter it was copied into.
 
-    python benchmarks/setup_time.py CHECKPOINT_DIR
+    python benchmarks/setup_time.py CHECKPOINT_DIR [--sample-stacks]
+
+``--sample-stacks`` also reports where each thread (the warm-up's compiler, the loader) spent the setup and how
+much CPU it got (``stack_sampler.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ t_start = time.perf_counter()
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stack_sampler import StackSampler  # noqa: E402
+
 import dsvl2.engine  # noqa: E402
 from dsvl2.engine import Engine  # noqa: E402
 from dsvl2.loader import DROPPED_PREFIXES, _expert_rows, _target, iter_tensors, shard_files  # noqa: E402
@@ -36,6 +42,9 @@ def timed(name, fn):
 
 dsvl2.engine.allocate_model = timed("allocate_model_s", dsvl2.engine.allocate_model)
 dsvl2.engine.Processor.from_pretrained = timed("processor_s", dsvl2.engine.Processor.from_pretrained)
+sampler = StackSampler(interval=0.01, depth=6) if "--sample-stacks" in sys.argv else None
+if sampler:
+    sampler.start()
 t0 = time.perf_counter()
 torch.zeros(1, device="cuda")
 t_cuda = time.perf_counter() - t0
@@ -45,6 +54,9 @@ torch.cuda.synchronize()
 t_load = time.perf_counter() - t0
 engine.warmup()
 torch.cuda.synchronize()
+if sampler:
+    sampler.stop()
+    print(json.dumps({"stacks": sampler.report(top=25)}))
 timings = {"import_s": round(t_import, 1), "cuda_init_s": round(t_cuda, 1), "allocate_s": round(t_load - t_cuda, 1),
            "load_and_warmup_s": round(time.perf_counter() - t0 - t_load, 1),
            "setup_s": round(time.perf_counter() - t_start, 1), **phases}
