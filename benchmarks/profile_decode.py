@@ -1,16 +1,19 @@
 """Where decode and prefill time goes, with kernel checks (CUDA).
 
-    python benchmarks/profile_decode.py [CHECKPOINT_DIR]
+    python benchmarks/profile_decode.py [CHECKPOINT_DIR] [--trace DIR]
 
 Without a checkpoint the model is built with random weights of the real shapes directly on the GPU
 (``dsvl2.tiny.random_model``), which takes seconds rather than the minutes of writing and loading 32 GB.
 Prints JSON lines: the Triton kernels against the plain paths, graph-replay times of the parts of a
 decode step (kernels on and off), the compiled step per sampler mode, the time to first token, fast
-against plain greedy ids, and kernel tables of one decode step and one prefill.
+against plain greedy ids, and kernel tables of one decode step and one prefill. ``--trace DIR`` also writes
+a gzipped Chrome trace (host and GPU) of one request's time to first token, ``DIR/ttft_trace.json.gz``, to see
+where the host and the GPU wait for each other (open it in Perfetto).
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import sys
@@ -69,8 +72,14 @@ def without_kernels(fn):
 @torch.inference_mode()
 def main() -> None:
     t0 = time.perf_counter()
-    if len(sys.argv) > 1:
-        engine = Engine.from_pretrained(sys.argv[1], "cuda", torch.bfloat16)
+    args = sys.argv[1:]
+    trace_dir = None
+    if "--trace" in args:
+        i = args.index("--trace")
+        trace_dir = Path(args[i + 1])
+        del args[i:i + 2]
+    if args:
+        engine = Engine.from_pretrained(args[0], "cuda", torch.bfloat16)
     else:
         model = random_model("small", "cuda")
         engine = Engine(model, Processor.from_pretrained(write_processor_files(tempfile.mkdtemp())))
@@ -171,6 +180,18 @@ def main() -> None:
         list(engine.stream(req))
         ttft.append(round(req.stats.time_to_first_token_s * 1e3, 1))
     emit(ttft_ms=ttft, prompt_tokens=req.stats.prompt_tokens, decode_tok_s=round(req.stats.tokens_per_second, 1))
+    if trace_dir is not None:
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            r = engine.prepare("<image>\nDescribe this image.", [image], greedy, 2)
+            list(engine.stream(r))
+            torch.cuda.synchronize()
+        raw = Path(tempfile.mkdtemp()) / "trace.json"
+        prof.export_chrome_trace(str(raw))
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        with gzip.open(trace_dir / "ttft_trace.json.gz", "wb") as f:
+            f.write(raw.read_bytes())
+        emit(trace=str(trace_dir / "ttft_trace.json.gz"), traced_ttft_ms=round(r.stats.time_to_first_token_s * 1e3, 1))
     req1 = engine.prepare("<image>\nDescribe this image.", [image], greedy, 1)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         list(engine.stream(req1))
