@@ -65,3 +65,35 @@ def test_decode_layer_compiles_as_one_graph_around_the_kernels(errors: dict[str,
     assert errors[f"{mode}layer_moe_kernel_path"] == 1.0
     assert errors[f"{mode}layer_fullgraph_float32"] < 1e-5
     assert errors[f"{mode}layer_fullgraph_cache"] < 1e-6  # the cache-writing kernel mutates the cache under compile
+
+
+def test_pdl_only_where_it_can_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Programmatic dependent launch only for CUDA tensors on sm90+ with a Triton that has the launch option
+    # (this one's: True with Triton 3.9); a CPU tensor, an sm80 GPU, the interpreter or DSVL2_PDL=0 (the module
+    # flag) launch the ordinary way.
+    import torch
+
+    from dsvl2 import kernels
+
+    x = torch.zeros(2)
+    assert not kernels.use_pdl(x) and kernels._pdl_args(x) == {"USE_PDL": False}
+
+    class FakeCuda:  # what use_pdl reads of a tensor
+        is_cuda = True
+
+        def __init__(self, index: int) -> None:
+            self.device = torch.device("cuda", index)
+
+    capability = {0: (9, 0), 1: (8, 0)}  # an H100 and an A100
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability[device.index])
+    monkeypatch.setattr(kernels, "_pdl_devices", {})
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    supported = kernels._launch_pdl_supported()  # this Triton's launch option
+    on = {"USE_PDL": True, "launch_pdl": True} if supported else {"USE_PDL": False}
+    assert kernels._pdl_args(FakeCuda(0)) == on
+    assert kernels._pdl_args(FakeCuda(1)) == {"USE_PDL": False}
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not kernels.use_pdl(FakeCuda(0))
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(kernels, "PDL", False)
+    assert not kernels.use_pdl(FakeCuda(0))
