@@ -362,23 +362,10 @@ class Engine:
         t0 = time.perf_counter()
         if self.use_compile:
             self.compile()
-        try:
-            self._warm_requests()
-        except Exception as e:  # noqa: BLE001 - a compiler failure must not take the service down
-            if not self.use_compile:
-                raise
-            self._fall_back_to_eager(e)
-            self._warm_requests()
+        self._or_eager(self._warm_requests)
         self.log(f"compiled and warmed up in {time.perf_counter() - t0:.1f} s")
         self.wait_loaded()
-        try:
-            self.capture()
-        except Exception as e:  # noqa: BLE001
-            if not self.use_compile:
-                raise
-            self._fall_back_to_eager(e)
-            self.graphs = {}
-            self.capture()
+        self._or_eager(self.capture)
         req = self.prepare("Hello", [], SamplingParams(temperature=0.1, seed=0), 8)
         text = "".join(self.stream(req))
         self.log(f"warm-up: {req.stats.output_tokens} tokens ({text[:40]!r}) in {time.perf_counter() - t0:.1f} s")
@@ -396,10 +383,19 @@ class Engine:
         finally:
             self._warming = False
 
-    def _fall_back_to_eager(self, error: Exception) -> None:
-        self.log(f"compiling the model failed ({type(error).__name__}: {error}); using the eager step and prefill "
-                 "(correct, slower)")
-        self._drop_compiled(("decode", "forward"))
+    def _or_eager(self, step: Callable[[], None]) -> None:
+        """Run a warm-up step; if it fails with compiled code, drop the compiled code (and any graphs captured
+        from it) and run the step again eagerly: a compiler failure must not take the service down."""
+        try:
+            step()
+        except Exception as e:  # noqa: BLE001
+            if not self.use_compile:
+                raise
+            self.log(f"compiling the model failed ({type(e).__name__}: {e}); using the eager step and prefill "
+                     "(correct, slower)")
+            self._drop_compiled(("decode", "forward"))
+            self.graphs = {}
+            step()
 
 
 def capture_graph(fn: Callable[[], torch.Tensor | None], pool: tuple | None,

@@ -175,15 +175,15 @@ if triton is not None:
         mask_n = n < D
         routed = slot < K_TOP
         r_slot = token * K_TOP + tl.minimum(slot, K_TOP - 1)
-        if USE_PDL:
-            # The router finished before any gate‖up program passed its wait, and this kernel launches only
-            # after all of them have: the expert ids are final, so this program's whole rows (BLOCK_K >= HID)
-            # are fetched before waiting for h. The ids are read from L2 (".cg"), past any stale L1 line.
-            if routed:
-                e = tl.load(ids_ptr + r_slot, cache_modifier=".cg").to(tl.int64)
-                rows = w2_ptr + e * (D * HID) + n[:, None] * HID
-            else:
-                rows = sd_ptr + n[:, None] * (N_SHARED * HID) + (slot - K_TOP) * HID
+        # With PDL this runs before the wait: the router finished before any gate‖up program passed its wait,
+        # and this kernel launches only after all of them have, so the expert ids are final. They are read
+        # from L2 (".cg"), past any stale L1 line.
+        if routed:
+            e = tl.load(ids_ptr + r_slot, cache_modifier=".cg").to(tl.int64)
+            rows = w2_ptr + e * (D * HID) + n[:, None] * HID
+        else:
+            rows = sd_ptr + n[:, None] * (N_SHARED * HID) + (slot - K_TOP) * HID
+        if USE_PDL:  # this program's whole rows (BLOCK_K >= HID) are fetched before waiting for h
             k = tl.arange(0, BLOCK_K)
             mask_k = k < HID
             w = tl.load(rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
@@ -192,11 +192,6 @@ if triton is not None:
             hk = tl.load(h_ptr + pair * HID + k, mask=mask_k, other=0.0).to(tl.float32)
             acc = tl.sum(w.to(tl.float32) * hk[None, :], axis=1)
         else:
-            if routed:
-                e = tl.load(ids_ptr + r_slot).to(tl.int64)
-                rows = w2_ptr + e * (D * HID) + n[:, None] * HID
-            else:
-                rows = sd_ptr + n[:, None] * (N_SHARED * HID) + (slot - K_TOP) * HID
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
             for k0 in range(0, HID, BLOCK_K):
                 k = k0 + tl.arange(0, BLOCK_K)
@@ -227,14 +222,19 @@ def _route_counter(device: torch.device) -> torch.Tensor:
     return _route_counters[device]
 
 
+def _moe_slots(top_k: int, w2: torch.Tensor, shared_down: torch.Tensor) -> int:
+    """Slots per token: the chosen experts, then the shared MLP in expert-wide slices."""
+    return top_k + shared_down.shape[1] // w2.shape[2]
+
+
 def _moe_block(x: torch.Tensor, a: torch.Tensor | None, norm_w: torch.Tensor | None, eps: float, gate_w: torch.Tensor,
                w13: torch.Tensor, w2: torch.Tensor, shared_gate_up: torch.Tensor, shared_down: torch.Tensor,
                top_k: int) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The three launches of ``moe_decode`` and ``moe_decode_residual`` -> (x + a or None, slot outputs)."""
     n, d = x.shape
     e, hid = w13.shape[0], w2.shape[2]
-    n_shared = shared_down.shape[1] // hid
-    slots = top_k + n_shared
+    slots = _moe_slots(top_k, w2, shared_down)
+    n_shared = slots - top_k
     x = x.contiguous()
     pdl = _pdl_args(x)
     norm = a is not None
@@ -280,8 +280,7 @@ def moe_decode_residual(x: torch.Tensor, a: torch.Tensor, norm_w: torch.Tensor, 
                         top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``moe_decode`` of RMSNorm(x + a) (weight norm_w), the residual add and the norm done in the router kernel:
     x, a [N, D] -> (x + a [N, D], y as ``moe_decode``). The decoder layer adds the experts to x + a."""
-    res, y = _moe_block(x, a, norm_w, eps, gate_w, w13, w2, shared_gate_up, shared_down, top_k)
-    return res, y
+    return _moe_block(x, a, norm_w, eps, gate_w, w13, w2, shared_gate_up, shared_down, top_k)
 
 
 if triton is not None:
@@ -346,14 +345,23 @@ if triton is not None:
         tl.store(out_ptr + (b * H + h) * R + r, out.to(out_ptr.dtype.element_ty))
 
     @triton.jit
+    def _rotate(x_ptr, cos, sin, P: tl.constexpr):
+        # Upstream's rotary rotation of the P values at x_ptr, in float32: de-interleave the pairs, then rotate
+        # half: out[i] = x[2i] cos[i] - x[2i+1] sin[i] (i < P/2), x[2i'+1] cos[i] + x[2i'] sin[i] (i' = i - P/2).
+        i = tl.arange(0, P)
+        first = i < P // 2
+        x = tl.load(x_ptr + tl.where(first, 2 * i, 2 * i - P + 1)).to(tl.float32)
+        partner = tl.load(x_ptr + tl.where(first, 2 * i + 1, 2 * i - P)).to(tl.float32)
+        return x * cos + tl.where(first, -1.0, 1.0) * partner * sin
+
+    @triton.jit
     def _mla_prologue_kernel(qkv_ptr, cs_ptr, nw_ptr, kvb_ptr, cache_ptr, pos_ptr, ql_ptr, qr_ptr, eps, stride_cb,
                              stride_cs, H: tl.constexpr, NOPE: tl.constexpr, P: tl.constexpr, R: tl.constexpr,
                              V: tl.constexpr, BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr):
         # Row b of qkv is [q: H x (NOPE + P) | c: R | k_rope: P]. Program (b, h, j): the absorbed query
         # q_lat[b, h, r] = sum_d q_nope[b, h, d] * kv_b[h * (NOPE + V) + d, r] for block j of r; block 0 of each
         # head also rotates that head's rotary query; program (b, 0, 0) writes the cache row at pos[b]:
-        # [rmsnorm(c) * weight, rotated k_rope]. The rotation is upstream's: de-interleave the pairs, then
-        # rotate half: out[i] = x[2i] cos[i] - x[2i+1] sin[i] (i < P/2), x[2i'+1] cos[i] + x[2i'] sin[i] (i' = i - P/2).
+        # [rmsnorm(c) * weight, rotated k_rope] (``_rotate``: upstream's rotation).
         b = tl.program_id(0)
         h = tl.program_id(1)
         j = tl.program_id(2)
@@ -370,16 +378,10 @@ if triton is not None:
         tl.store(ql_ptr + (b * H + h) * R + r, q_lat.to(ql_ptr.dtype.element_ty))
         if j == 0:
             i = tl.arange(0, P)
-            first = i < P // 2
-            src = tl.where(first, 2 * i, 2 * i - P + 1)
-            partner = tl.where(first, 2 * i + 1, 2 * i - P)
-            sign = tl.where(first, -1.0, 1.0)
             cos = tl.load(cs_ptr + b * 2 * P + i)
             sin = tl.load(cs_ptr + b * 2 * P + P + i)
-            qr = row + h * (NOPE + P) + NOPE
-            x = tl.load(qr + src).to(tl.float32)
-            y = sign * tl.load(qr + partner).to(tl.float32)
-            tl.store(qr_ptr + (b * H + h) * P + i, (x * cos + y * sin).to(qr_ptr.dtype.element_ty))
+            q_rope = _rotate(row + h * (NOPE + P) + NOPE, cos, sin, P)
+            tl.store(qr_ptr + (b * H + h) * P + i, q_rope.to(qr_ptr.dtype.element_ty))
             if h == 0:
                 rr = tl.arange(0, R)
                 c = tl.load(row + QW + rr).to(tl.float32)
@@ -387,9 +389,7 @@ if triton is not None:
                 normed = normed.to(tl.float32) * tl.load(nw_ptr + rr).to(tl.float32)
                 slot = cache_ptr + b * stride_cb + tl.load(pos_ptr + b) * stride_cs
                 tl.store(slot + rr, normed.to(cache_ptr.dtype.element_ty))
-                kx = tl.load(row + QW + R + src).to(tl.float32)
-                ky = sign * tl.load(row + QW + R + partner).to(tl.float32)
-                tl.store(slot + R + i, (kx * cos + ky * sin).to(cache_ptr.dtype.element_ty))
+                tl.store(slot + R + i, _rotate(row + QW + R, cos, sin, P).to(cache_ptr.dtype.element_ty))
 
     @triton.jit
     def _value_out_kernel(o_ptr, kvb_ptr, out_ptr, H: tl.constexpr, R: tl.constexpr, NOPE: tl.constexpr,
@@ -537,13 +537,13 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 @moe_decode.register_fake
 def _(x, gate_w, w13, w2, shared_gate_up, shared_down, top_k):
-    return x.new_empty(x.shape[0], top_k + shared_down.shape[1] // w2.shape[2], x.shape[1], dtype=torch.float32)
+    return x.new_empty(x.shape[0], _moe_slots(top_k, w2, shared_down), x.shape[1], dtype=torch.float32)
 
 
 @moe_decode_residual.register_fake
 def _(x, a, norm_w, eps, gate_w, w13, w2, shared_gate_up, shared_down, top_k):
-    slots = top_k + shared_down.shape[1] // w2.shape[2]
-    return torch.empty_like(x), x.new_empty(x.shape[0], slots, x.shape[1], dtype=torch.float32)
+    y = x.new_empty(x.shape[0], _moe_slots(top_k, w2, shared_down), x.shape[1], dtype=torch.float32)
+    return torch.empty_like(x), y
 
 
 @mla_prologue.register_fake

@@ -154,14 +154,26 @@ def filter_logits(logits: Tensor, temperature: Tensor, top_p: Tensor, top_k: Ten
     return scaled.masked_fill(scaled < threshold, -math.inf)
 
 
+def _greedy_rows(temperature: Tensor) -> tuple[Tensor, Tensor]:
+    """(greedy rows: temperature <= 0, the temperatures with those rows at 1). Greedy rows are sampled at
+    temperature 1 only to avoid 0/0; their result is replaced by the raw argmax."""
+    greedy = temperature <= 0
+    return greedy, torch.where(greedy, torch.ones_like(temperature), temperature)
+
+
+def _race(probs: Tensor, noise: Tensor) -> Tensor:
+    """The exponential race over the last axis: argmax_i p_i / E_i, kept as [B, 1] (see ``sample``). A zero
+    variate would turn 0/0 into NaN (argmax's favourite); the clamp leaves p/E unchanged for all practical
+    purposes and filtered tokens (p = 0) at 0, below every kept token."""
+    return (probs / noise.clamp_min(torch.finfo(torch.float32).tiny)).argmax(-1, keepdim=True)
+
+
 def probabilities(
     logits: Tensor, seen: Tensor, temperature: Tensor, top_p: Tensor, top_k: Tensor, penalty: Tensor
 ) -> Tensor:
     """The distribution f32 [B, V] a sampling row draws from (greedy rows: one-hot on raw argmax)."""
     logits = logits.float()
-    greedy = temperature <= 0
-    # Greedy rows get temperature 1 here only to avoid 0/0; their result is replaced below.
-    safe_t = torch.where(greedy, torch.ones_like(temperature), temperature)
+    greedy, safe_t = _greedy_rows(temperature)
     filtered = filter_logits(apply_repetition_penalty(logits, seen, penalty), safe_t, top_p, top_k)
     one_hot = torch.zeros_like(logits).scatter_(1, argmax_rows(logits)[:, None], 1.0)
     return torch.where(greedy.view(-1, 1), one_hot, filtered.softmax(-1))
@@ -183,10 +195,7 @@ def sample(
     E_i / p_i ~ Exp(rate p_i), the minimum of which is i with probability p_i / sum_j p_j. So this is
     an exact categorical draw, with no host round trip (unlike ``torch.multinomial``).
     """
-    probs = probabilities(logits, seen, temperature, top_p, top_k, penalty)
-    # A zero variate would turn 0/0 into NaN (argmax's favourite); the clamp leaves p/E unchanged
-    # for all practical purposes and filtered tokens (p = 0) at 0, below every kept token.
-    drawn = (probs / noise.clamp_min(torch.finfo(torch.float32).tiny)).argmax(-1)
+    drawn = _race(probabilities(logits, seen, temperature, top_p, top_k, penalty), noise)[:, 0]
     # Greedy rows: argmax of the raw logits, no penalty, no noise.
     return torch.where(temperature <= 0, argmax_rows(logits.float()), drawn)
 
@@ -206,9 +215,8 @@ def sample_top_candidates(
     drops everything outside them, and top-p only sees what top-k kept). noise f32 [B, >= k_max].
     """
     logits = logits.float()
-    greedy = temperature <= 0
-    safe_t = torch.where(greedy, torch.ones_like(temperature), temperature)
+    greedy, safe_t = _greedy_rows(temperature)
     values, index = apply_repetition_penalty(logits, seen, penalty).topk(k_max, dim=-1)  # [B, k_max]
     probs = filter_logits(values, safe_t, top_p, top_k).softmax(-1)
-    drawn = index.gather(-1, (probs / noise[:, :k_max].clamp_min(torch.finfo(torch.float32).tiny)).argmax(-1, True))
+    drawn = index.gather(-1, _race(probs, noise[:, :k_max]))
     return torch.where(greedy, argmax_rows(logits), drawn[:, 0])

@@ -102,9 +102,7 @@ def build_random_checkpoint(out_dir: str | Path, preset: str = "demo", seed: int
             shard, index = {}, index + 1
     (out / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total * 2}, "weight_map": weight_map}, indent=2))
-    (out / "config.json").write_text(json.dumps(raw, indent=2))
-    _write_processor_files(out, raw)
-    return out
+    return write_processor_files(out, preset)
 
 
 def random_model(preset: str = "small", device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
