@@ -26,7 +26,7 @@ from .errors import InputError, PromptTooLong
 from .loader import allocate_model, load_into, load_model
 from .model import DeepseekVL2
 from .moe import MoE
-from .processor import Encoded, Processor
+from .processor import TILE, Encoded, Processor
 from .sampling import (
     RequestRng,
     SamplingParams,
@@ -61,6 +61,7 @@ class Request:
 
 TOP_CANDIDATES = 64
 PREFILL_BUCKET = 64  # prompts are padded to a multiple of this for the captured prefills
+MAX_GRAPHED_TILES = 32  # more tiles than this (many images) run the vision tower without a graph
 
 
 def sampler_mode(params: SamplingParams) -> str:
@@ -100,8 +101,11 @@ class Engine:
         self._warming = False  # warm-up requests may run on weights still being loaded
         # Captured prefills by (padded length, row): (graph, static input, last position, logits), or False.
         self.prefill_graphs: dict[tuple[int, int], tuple | bool] = {}
-        self.graph_prefill = True
+        # Captured vision tower + projector by tile count: (graph, static pixels, projected tiles), or False.
+        self.vision_graphs: dict[int, tuple | bool] = {}
+        self.graph_prefill = True  # replay captured graphs for the prefill (vision and language model)
         self._prefill_pool = None
+        self._vision_pool = None
         self._prefill_buffer: torch.Tensor | None = None  # see _prefill_input
 
     @classmethod
@@ -113,7 +117,10 @@ class Engine:
         if not background_load:
             return cls(load_model(checkpoint_dir, device, dtype, log=log), processor, log=log, **kwargs)
         cfg = ModelConfig.from_file(Path(checkpoint_dir) / "config.json")
+        workers = start_compile_workers() if torch.device(device).type == "cuda" else None
         engine = cls(allocate_model(cfg, device, dtype), processor, log=log, **kwargs)
+        if workers is not None:
+            wait_compile_workers(workers, log)
         engine._start_loading(checkpoint_dir)
         return engine
 
@@ -234,10 +241,15 @@ class Engine:
             torch.cuda.current_stream().synchronize()  # let a queued speculative step finish
         req.stats.finish_reason = finish
 
+    def _replay_prefill(self) -> bool:
+        """Whether the prefill replays captured graphs (not while warm-up builds the compiled code)."""
+        return self.use_graphs and self.graph_prefill and not self._warming
+
     def _prefill(self, enc: Encoded, row: int) -> torch.Tensor:
         """Embed the prompt (images included) and fill the cache row; -> last-position logits [1, V]."""
-        embeds = self.model.embed(enc.input_ids, enc.image_mask, enc.pixel_values, enc.spatial_crops)
-        if self.use_graphs and self.graph_prefill and not self._warming:
+        embeds = self.model.embed(enc.input_ids, enc.image_mask, enc.pixel_values, enc.spatial_crops,
+                                  encode=self._encode_tiles)
+        if self._replay_prefill():
             logits = self._graphed_prefill(embeds, row)
             if logits is not None:
                 return logits
@@ -280,15 +292,46 @@ class Engine:
     def _capture_prefill(self, size: int, row: int) -> tuple | bool:
         x = self._prefill_input(size)
         last = torch.zeros(1, dtype=torch.int64, device=self.device)
-        try:
-            # The warm-up run builds the compiled code for this length before the capture.
-            graph, out = capture_graph(lambda: self._padded_prefill(x, last, row), self._prefill_pool, warmups=1)
-            self._prefill_pool = graph.pool()  # one pool for all lengths: one prefill runs at a time
-        except Exception as e:  # noqa: BLE001 - that length then runs without a graph
-            self.log(f"capturing the prefill for {size} positions failed ({type(e).__name__}: {e}); "
-                     "prompts of that length run without a graph")
+        captured = self._try_capture(lambda: self._padded_prefill(x, last, row), "_prefill_pool",
+                                     f"the prefill for {size} positions", "prompts of that length")
+        if not captured:
             return False
+        graph, out = captured
         return graph, x, last, out
+
+    def _encode_tiles(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The vision tower and projector over pixels [n, 3, 384, 384] (on the device, model dtype), replayed
+        from the graph captured for n tiles (on first use) -> projected tiles [n, s*s, D]. The output is the
+        graph's static tensor: the caller lays it out into new tensors before the next replay. Launching the
+        tower's 27 compiled blocks from Python costs more host time than their GPU work."""
+        n = pixels.shape[0]
+        if not self._replay_prefill() or n > MAX_GRAPHED_TILES:
+            return self.model.encode_tiles(pixels)
+        entry = self.vision_graphs.get(n)
+        if entry is None:
+            x = torch.zeros_like(pixels)
+            captured = self._try_capture(lambda: self.model.encode_tiles(x), "_vision_pool",
+                                         f"the vision tower for {n} tiles", "images of that many tiles")
+            entry = self.vision_graphs[n] = captured and (captured[0], x, captured[1])  # (graph, input, output)
+        if not entry:
+            return self.model.encode_tiles(pixels)
+        graph, x, out = entry
+        x.copy_(pixels)
+        graph.replay()
+        return out
+
+    def _try_capture(self, fn: Callable[[], torch.Tensor], pool: str, what: str,
+                     fallback: str) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | bool:
+        """Capture ``fn`` into the memory pool named by the attribute ``pool`` (one pool per kind of graph: one
+        graph of a kind runs at a time) -> (graph, its output), or False (logged) if the capture fails."""
+        try:
+            # The warm-up run builds the compiled code for these shapes before the capture.
+            graph, out = capture_graph(fn, getattr(self, pool), warmups=1)
+        except Exception as e:  # noqa: BLE001 - those shapes then run without a graph
+            self.log(f"capturing {what} failed ({type(e).__name__}: {e}); {fallback} run without a graph")
+            return False
+        setattr(self, pool, graph.pool())
+        return graph, out
 
     def _drop_compiled(self, names: tuple[str, ...]) -> bool:
         """Remove the compiled wrappers of these methods (back to the plain ones); True if any existed.
@@ -354,6 +397,10 @@ class Engine:
             pool = self.graphs[mode].pool()
         for t, s in zip((self.tokens, self.pos, self.seen), saved, strict=True):
             t.copy_(s)
+        # The vision tower for every tile count one image can have (global view + its grid); other counts
+        # (several images) are captured on first use.
+        for n in sorted({1 + (w // TILE) * (h // TILE) for w, h in self.processor.config.candidate_resolutions}):
+            self._encode_tiles(torch.zeros(n, 3, TILE, TILE, dtype=self.model.dtype, device=self.device))
 
     def warmup(self) -> None:
         """Compile (regional), run two warm-up requests (they build the compiled code; during a background
@@ -396,6 +443,33 @@ class Engine:
             self._drop_compiled(("decode", "forward"))
             self.graphs = {}
             step()
+
+
+def start_compile_workers() -> type | None:
+    """Start Inductor's compile worker processes now, without waiting for them. Each worker imports torch and
+    Triton (seconds of CPU and thousands of small file reads); until they are up, Inductor compiles in the
+    calling process. Started before the weight load saturates the disk, they are ready when compilation
+    begins. -> a handle for ``wait_compile_workers``, or None where Inductor compiles in-process."""
+    try:
+        from torch._inductor.async_compile import AsyncCompile
+
+        AsyncCompile.warm_pool()
+        if not AsyncCompile.use_process_pool():  # submits the job whose completion means the workers are up
+            return AsyncCompile
+    except Exception:  # noqa: BLE001 - an optimisation only: compilation then starts its workers itself
+        return None
+    return None
+
+
+def wait_compile_workers(workers: type, log: Callable[[str], None], timeout: float = 60.0) -> None:
+    """Wait (at most ``timeout`` seconds) until the workers started by ``start_compile_workers`` are up."""
+    t0 = time.perf_counter()
+    try:
+        workers.wait_pool_ready(timeout=timeout)
+    except Exception as e:  # noqa: BLE001 - compilation waits for them or compiles in-process
+        log(f"compile workers not ready after {time.perf_counter() - t0:.1f} s ({type(e).__name__}); going on")
+        return
+    log(f"compile workers ready ({time.perf_counter() - t0:.1f} s waited)")
 
 
 def capture_graph(fn: Callable[[], torch.Tensor | None], pool: tuple | None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -38,9 +40,15 @@ class DeepseekVL2(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.image_newline.dtype
 
-    def image_embeddings(self, pixels: torch.Tensor, crops: list[tuple[int, int]]) -> torch.Tensor:
-        """pixels [n_tiles, 3, 384, 384] (per image: global then local tiles) -> [sum N_i, D]"""
-        tiles = self.projector(self.vision(pixels.to(self.device, self.dtype)))  # [n_tiles, s*s, D]
+    def encode_tiles(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [n_tiles, 3, 384, 384] on the model's device and dtype -> projected tiles [n_tiles, s*s, D]"""
+        return self.projector(self.vision(pixels))
+
+    def image_embeddings(self, pixels: torch.Tensor, crops: list[tuple[int, int]],
+                         encode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """pixels [n_tiles, 3, 384, 384] (per image: global then local tiles) -> [sum N_i, D]. ``encode``
+        replaces ``encode_tiles`` (the engine passes its captured graphs)."""
+        tiles = (encode or self.encode_tiles)(pixels.to(self.device, self.dtype))  # [n_tiles, s*s, D]
         out, first = [], 0
         for tw, th in crops:
             n = 1 + tw * th
@@ -51,7 +59,8 @@ class DeepseekVL2(nn.Module):
         return torch.cat(out)
 
     def embed(self, input_ids: torch.Tensor, image_mask: torch.Tensor, pixels: torch.Tensor | None,
-              crops: list[tuple[int, int]]) -> torch.Tensor:
+              crops: list[tuple[int, int]],
+              encode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """input_ids [L] with image-token runs marked by image_mask [L] -> embeddings [L, D]."""
         ids = input_ids.to(self.device)
         x = self.language.model.embed_tokens(ids)
@@ -60,7 +69,7 @@ class DeepseekVL2(nn.Module):
             if n_slots:
                 raise ValueError(f"the prompt has {n_slots} image-token positions but no images")
             return x
-        images = self.image_embeddings(pixels, crops)
+        images = self.image_embeddings(pixels, crops, encode)
         if images.shape[0] != n_slots:
             raise ValueError(f"the images produce {images.shape[0]} embeddings but the prompt has {n_slots} slots")
         x[image_mask.to(self.device)] = images  # in order, as upstream's masked_scatter

@@ -232,3 +232,80 @@ def test_prefill_buckets_share_one_static_input(engine: Engine) -> None:
     assert small.data_ptr() == large.data_ptr() == engine._prefill_buffer.data_ptr()
     assert engine._prefill_buffer.shape[1] == engine.context
 
+
+
+class _FakeGraph:
+    """A stand-in for a captured CUDA graph on the CPU: each replay re-runs the captured function into the
+    output tensor of the capture, as a real replay refills it from the static input's current contents."""
+
+    def __init__(self, fn, out: torch.Tensor) -> None:
+        self.fn, self.out = fn, out
+
+    def replay(self) -> None:
+        self.out.copy_(self.fn())
+
+    def pool(self) -> str:
+        return "pool"
+
+
+def _fake_capture(fn, pool, warmups):
+    out = fn()
+    return _FakeGraph(fn, out), out
+
+
+def test_vision_graphs_replay_each_tile_count_with_the_new_pixels(engine: Engine,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two images of one tile count share a captured vision graph; its static input must take each image's
+    # pixels, so the answers equal the plain path's. A third image of another count gets its own graph.
+    images = [_image(640, 480), Image.radial_gradient("L").rotate(90).resize((640, 480)).convert("RGB"),
+              _image(300, 900)]
+    expected = []
+    for image in images:
+        req = engine.prepare("<image>\nDescribe.", [image], GREEDY, 8)
+        list(engine.stream(req))
+        expected.append((req.output_ids, req.encoded.pixel_values.shape[0]))
+    monkeypatch.setattr("dsvl2.engine.capture_graph", _fake_capture)
+    monkeypatch.setattr(engine, "use_graphs", True)
+    monkeypatch.setattr(engine, "_capture_prefill", lambda size, row: False)  # language model eager
+    monkeypatch.setattr(engine, "vision_graphs", {})
+    for image, (ids, tiles) in zip(images, expected, strict=True):
+        req = engine.prepare("<image>\nDescribe.", [image], GREEDY, 8)
+        list(engine.stream(req))
+        assert req.output_ids == ids and tiles in engine.vision_graphs
+    assert expected[0][1] == expected[1][1] != expected[2][1]  # the premise: two counts, one shared
+    assert expected[0][0] != expected[1][0]  # the second image really changed the answer
+    assert set(engine.vision_graphs) == {expected[0][1], expected[2][1]}
+
+
+def test_a_failed_vision_capture_falls_back_to_the_plain_tower(engine: Engine,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    req = engine.prepare("<image>\nDescribe.", [_image()], GREEDY, 8)
+    list(engine.stream(req))
+
+    def failing(fn, pool, warmups):
+        raise RuntimeError("simulated capture failure")
+
+    monkeypatch.setattr("dsvl2.engine.capture_graph", failing)
+    monkeypatch.setattr(engine, "use_graphs", True)
+    monkeypatch.setattr(engine, "_capture_prefill", lambda size, row: False)
+    monkeypatch.setattr(engine, "vision_graphs", {})
+    engine.logs.clear()
+    got = engine.prepare("<image>\nDescribe.", [_image()], GREEDY, 8)
+    list(engine.stream(got))
+    assert got.output_ids == req.output_ids
+    assert engine.vision_graphs == {req.encoded.pixel_values.shape[0]: False}
+    assert any("capturing the vision tower for" in line and "simulated capture failure" in line
+               for line in engine.logs)
+
+
+def test_capture_prepares_the_vision_graph_of_every_single_image_tile_count(engine: Engine,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("dsvl2.engine.capture_graph", _fake_capture)
+    monkeypatch.setattr(engine, "use_graphs", True)
+    monkeypatch.setattr(engine, "graphs", {})
+    monkeypatch.setattr(engine, "vision_graphs", {})
+    engine.capture()
+    # Closed form: a w x h candidate resolution gives the global view plus (w/384)*(h/384) local tiles.
+    counts = {1 + (w // 384) * (h // 384) for w, h in engine.processor.config.candidate_resolutions}
+    assert set(engine.vision_graphs) == counts
+    assert set(engine.graphs) == {"greedy", "top", "full"}
