@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .compilation import quick_autotune, start_compile_workers
 from .config import ModelConfig
 from .detokenize import StreamDecoder
 from .errors import InputError, PromptTooLong
@@ -117,10 +118,9 @@ class Engine:
         if not background_load:
             return cls(load_model(checkpoint_dir, device, dtype, log=log), processor, log=log, **kwargs)
         cfg = ModelConfig.from_file(Path(checkpoint_dir) / "config.json")
-        workers = start_compile_workers() if torch.device(device).type == "cuda" else None
+        if torch.device(device).type == "cuda":
+            start_compile_workers()  # they start up while the model is allocated
         engine = cls(allocate_model(cfg, device, dtype), processor, log=log, **kwargs)
-        if workers is not None:
-            wait_compile_workers(workers, log)
         engine._start_loading(checkpoint_dir)
         return engine
 
@@ -403,16 +403,18 @@ class Engine:
             self._encode_tiles(torch.zeros(n, 3, TILE, TILE, dtype=self.model.dtype, device=self.device))
 
     def warmup(self) -> None:
-        """Compile (regional), run two warm-up requests (they build the compiled code; during a background
-        load they run on the weights as they stream in), then capture the decode graphs on the loaded
-        weights and run one short request through them."""
+        """Compile (regional), run two warm-up requests (they build the compiled code) and capture the decode
+        and vision graphs; during a background load all of this runs on the weights as they stream in (a
+        graph records the weights' addresses, not their values). Then wait for the load and run one short
+        request through the graphs."""
         t0 = time.perf_counter()
         if self.use_compile:
             self.compile()
-        self._or_eager(self._warm_requests)
-        self.log(f"compiled and warmed up in {time.perf_counter() - t0:.1f} s")
+        with quick_autotune():
+            self._or_eager(self._warm_requests)
+            self.log(f"compiled and warmed up in {time.perf_counter() - t0:.1f} s")
+            self._or_eager(self.capture)
         self.wait_loaded()
-        self._or_eager(self.capture)
         req = self.prepare("Hello", [], SamplingParams(temperature=0.1, seed=0), 8)
         text = "".join(self.stream(req))
         self.log(f"warm-up: {req.stats.output_tokens} tokens ({text[:40]!r}) in {time.perf_counter() - t0:.1f} s")
@@ -445,33 +447,6 @@ class Engine:
             step()
 
 
-def start_compile_workers() -> type | None:
-    """Start Inductor's compile worker processes now, without waiting for them. Each worker imports torch and
-    Triton (seconds of CPU and thousands of small file reads); until they are up, Inductor compiles in the
-    calling process. Started before the weight load saturates the disk, they are ready when compilation
-    begins. -> a handle for ``wait_compile_workers``, or None where Inductor compiles in-process."""
-    try:
-        from torch._inductor.async_compile import AsyncCompile
-
-        AsyncCompile.warm_pool()
-        if not AsyncCompile.use_process_pool():  # submits the job whose completion means the workers are up
-            return AsyncCompile
-    except Exception:  # noqa: BLE001 - an optimisation only: compilation then starts its workers itself
-        return None
-    return None
-
-
-def wait_compile_workers(workers: type, log: Callable[[str], None], timeout: float = 60.0) -> None:
-    """Wait (at most ``timeout`` seconds) until the workers started by ``start_compile_workers`` are up."""
-    t0 = time.perf_counter()
-    try:
-        workers.wait_pool_ready(timeout=timeout)
-    except Exception as e:  # noqa: BLE001 - compilation waits for them or compiles in-process
-        log(f"compile workers not ready after {time.perf_counter() - t0:.1f} s ({type(e).__name__}); going on")
-        return
-    log(f"compile workers ready ({time.perf_counter() - t0:.1f} s waited)")
-
-
 def capture_graph(fn: Callable[[], torch.Tensor | None], pool: tuple | None,
                   warmups: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None]:
     """Run ``fn`` ``warmups`` times on a side stream, then capture it into a CUDA graph (in ``pool`` if
@@ -483,7 +458,8 @@ def capture_graph(fn: Callable[[], torch.Tensor | None], pool: tuple | None,
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
+    # "thread_local": the background loader's copies on another thread may run during the capture.
+    with torch.inference_mode(), torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         out = fn()
     return graph, out
 

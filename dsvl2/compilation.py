@@ -1,0 +1,58 @@
+"""Keeping torch.compile's start-up cost off the service's setup.
+
+The service compiles while its weights stream from disk (``Engine.warmup``). Two costs of Inductor's first
+compilation are worth steering: its worker processes (each imports torch and Triton) and its run-time choice
+between a generated kernel's block-size configurations, which benchmarks every configuration about 100 times
+the first time the kernel runs (tens of seconds in all for this model's prefill and vision kernels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+QUICK_BENCHMARK_ITERS = 10  # per configuration; Inductor's default is 100 after 100 cache-flush runs
+
+
+def start_compile_workers() -> None:
+    """Start Inductor's compile worker processes now, without waiting for them: they import torch and Triton
+    while the model is allocated instead of after compilation asks for them (until they are up, Inductor
+    compiles in the calling process). Does nothing where Inductor compiles in-process."""
+    try:
+        from torch._inductor.async_compile import AsyncCompile
+
+        AsyncCompile.warm_pool()
+        AsyncCompile.use_process_pool()  # submits the first job, which makes the pool start its workers
+    except Exception:  # noqa: BLE001 - an optimisation only: compilation starts its workers itself
+        return
+
+
+@contextlib.contextmanager
+def quick_autotune(iters: int = QUICK_BENCHMARK_ITERS) -> Iterator[None]:
+    """While active, Inductor times each block-size configuration of a generated kernel with ``iters`` runs
+    (after as many cache-flush runs) instead of 100: the choice between a kernel's 2-6 configurations rarely
+    needs more, and the benchmarks' launches and synchronisations otherwise dominate the first compilation.
+    The choices are cached on disk like the compiled code. A no-op where this torch has no such benchmarker."""
+    try:
+        from torch._inductor.runtime import benchmarking
+
+        bench = benchmarking.benchmarker
+        original = bench.benchmark_gpu
+        own = vars(bench).get("benchmark_gpu")  # an instance attribute to put back, if any
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    def benchmark_gpu(fn, *args, **kwargs):
+        kwargs.setdefault("memory_warmup_iters", iters)
+        kwargs.setdefault("benchmark_iters", iters)
+        return original(fn, *args, **kwargs)
+
+    bench.benchmark_gpu = benchmark_gpu  # the instance attribute shadows the class's method
+    try:
+        yield
+    finally:
+        if own is None:
+            del bench.benchmark_gpu
+        else:
+            bench.benchmark_gpu = own
