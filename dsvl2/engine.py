@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .compilation import quick_autotune, start_compile_workers
+from .compilation import prefetch_compiler_files, quick_autotune, start_compile_workers
 from .config import ModelConfig
 from .detokenize import StreamDecoder
 from .errors import InputError, PromptTooLong
@@ -118,9 +118,16 @@ class Engine:
         if not background_load:
             return cls(load_model(checkpoint_dir, device, dtype, log=log), processor, log=log, **kwargs)
         cfg = ModelConfig.from_file(Path(checkpoint_dir) / "config.json")
+        prefetch = None
         if torch.device(device).type == "cuda":
-            start_compile_workers()  # they start up while the model is allocated
+            # While the model is allocated (the disk idle): the compiler's files requested into the page cache
+            # ahead of the weights, and the compile workers started.
+            prefetch = threading.Thread(target=prefetch_compiler_files, name="dsvl2-prefetch", daemon=True)
+            prefetch.start()
+            start_compile_workers()
         engine = cls(allocate_model(cfg, device, dtype), processor, log=log, **kwargs)
+        if prefetch is not None:
+            prefetch.join()
         engine._start_loading(checkpoint_dir)
         return engine
 

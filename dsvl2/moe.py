@@ -8,7 +8,8 @@ that mapping once, for the loader.
 
 Routing (as upstream): gate logits in float32, softmax over all experts, top-k, weights not
 renormalised, routed scaling 1.0; the weighted sum is taken in float32. The shared experts are one
-wider MLP applied to every token. At decode time on CUDA the whole block runs as ``kernels.moe_decode``.
+wider MLP applied to every token. At decode time on CUDA the whole block runs as ``kernels.moe_decode``; for
+more tokens (prefill) the grouped products are ``grouped_gemm.grouped_mm`` on CUDA.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from . import grouped_gemm, kernels
 from .config import LanguageConfig
 
 # checkpoint sub-key of one expert -> (stacked parameter, row offset in units of the expert width)
@@ -125,7 +126,8 @@ class MoE(nn.Module):
 
 
 def grouped_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: Experts) -> torch.Tensor:
-    """Sorted token-expert pairs through two grouped GEMMs. x [N, D] -> [N, D]"""
+    """Sorted token-expert pairs through two grouped GEMMs (on CUDA ``grouped_gemm.grouped_mm``, else
+    ``torch._grouped_mm``). x [N, D] -> [N, D]"""
     n, k = ids.shape
     flat = ids.flatten()  # [N*k]
     # Sorting small integer keys: one radix pass for uint8 instead of eight for int64.
@@ -134,9 +136,14 @@ def grouped_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, e
     counts = torch.zeros(experts.w13.shape[0], dtype=torch.int32, device=x.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
     offs = counts.cumsum(0, dtype=torch.int32)  # end row of each expert's group
-    h = torch._grouped_mm(x[token], experts.w13.transpose(1, 2), offs=offs)  # [N*k, 2I]
-    gate, up = h.split(experts.hidden, dim=-1)
-    y = torch._grouped_mm(F.silu(gate) * up, experts.w2.transpose(1, 2), offs=offs)  # [N*k, D]
+    if grouped_gemm.grouped_mm_ok(x, experts.w13, silu_pairs=True) and grouped_gemm.grouped_mm_ok(x, experts.w2):
+        # Triton: each expert's weights read from HBM once, SwiGLU in the gate‖up epilogue (no [N*k, 2I] tensor).
+        h = grouped_gemm.grouped_mm(x[token], experts.w13, offs, silu_pairs=True)  # [N*k, I]
+        y = grouped_gemm.grouped_mm(h, experts.w2, offs)  # [N*k, D]
+    else:
+        h = torch._grouped_mm(x[token], experts.w13.transpose(1, 2), offs=offs)  # [N*k, 2I]
+        gate, up = h.split(experts.hidden, dim=-1)
+        y = torch._grouped_mm(F.silu(gate) * up, experts.w2.transpose(1, 2), offs=offs)  # [N*k, D]
     y = y.float() * weights.flatten()[order, None]
     return torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, token, y).to(x.dtype)
 
