@@ -108,3 +108,9 @@ def prefetch_compiler_files() -> int:
         finally:
             os.close(fd)
     return total
+
+
+def prepare_compiler() -> None:
+    """Start the compile workers, then prefetch the compiler's files (for a background thread at setup)."""
+    start_compile_workers()
+    prefetch_compiler_files()

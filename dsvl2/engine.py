@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .compilation import prefetch_compiler_files, quick_autotune, start_compile_workers
+from .compilation import prepare_compiler, quick_autotune
 from .config import ModelConfig
 from .detokenize import StreamDecoder
 from .errors import InputError, PromptTooLong
@@ -118,16 +118,11 @@ class Engine:
         if not background_load:
             return cls(load_model(checkpoint_dir, device, dtype, log=log), processor, log=log, **kwargs)
         cfg = ModelConfig.from_file(Path(checkpoint_dir) / "config.json")
-        prefetch = None
         if torch.device(device).type == "cuda":
-            # While the model is allocated (the disk idle): the compiler's files requested into the page cache
-            # ahead of the weights, and the compile workers started.
-            prefetch = threading.Thread(target=prefetch_compiler_files, name="dsvl2-prefetch", daemon=True)
-            prefetch.start()
-            start_compile_workers()
+            # In the background, from now on (the disk is idle while the model is allocated): the compile
+            # workers started and the compiler's files requested into the page cache ahead of the weights.
+            threading.Thread(target=prepare_compiler, name="dsvl2-prepare-compiler", daemon=True).start()
         engine = cls(allocate_model(cfg, device, dtype), processor, log=log, **kwargs)
-        if prefetch is not None:
-            prefetch.join()
         engine._start_loading(checkpoint_dir)
         return engine
 
