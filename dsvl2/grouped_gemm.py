@@ -157,11 +157,17 @@ def _config(silu_pairs: bool, overrides: dict[str, int | bool | None]) -> dict[s
 def grouped_mm_ok(x: torch.Tensor, w: torch.Tensor, *, silu_pairs: bool = False) -> bool:
     """Whether ``grouped_mm`` runs for input rows like x (device, dtype) and the stacked weights w [E, N, K] with
     the call site's default blocks: CUDA (see ``kernels.available``) with Triton, bf16 or fp16, and N, K multiples
-    of the blocks (the kernel does not mask columns or the reduction)."""
+    of the blocks (the kernel does not mask columns or the reduction), on Hopper or later."""
     cfg = CONFIGS[_site(silu_pairs)]
     return (kernels.available(x) and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype
             and w.dim() == 3 and w.is_contiguous() and w.shape[2] % cfg["block_k"] == 0
-            and w.shape[1] % cfg["block_n"] == 0 and cfg["block_n"] % 2 == 0)
+            and w.shape[1] % cfg["block_n"] == 0 and cfg["block_n"] % 2 == 0 and _hopper(x))
+
+
+def _hopper(x: torch.Tensor) -> bool:
+    """Whether x's GPU is sm90 or later (or the interpreter runs the kernel): the default tiles' pipeline needs
+    about 196 KB of shared memory per block, which an sm80 GPU (164 KB) cannot launch."""
+    return _interpreted() or torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 @torch.library.custom_op("dsvl2::grouped_mm", mutates_args=())

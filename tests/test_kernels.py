@@ -142,3 +142,25 @@ def test_pdl_only_where_it_can_run(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setattr(kernels, "PDL", False)
     assert not kernels.use_pdl(FakeCuda(0))
+
+
+def test_grouped_mm_only_on_hopper_or_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The default tiles need ~196 KB of shared memory: an sm80 GPU keeps torch._grouped_mm.
+    import torch
+
+    from dsvl2 import grouped_gemm, kernels
+
+    class FakeCuda:  # what grouped_mm_ok reads of the input rows
+        is_cuda = True
+        dtype = torch.bfloat16
+
+        def __init__(self, index: int) -> None:
+            self.device = torch.device("cuda", index)
+
+    capability = {0: (9, 0), 1: (8, 0)}  # an H100 and an A100
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability[device.index])
+    monkeypatch.setattr(kernels, "triton", kernels.triton or object())
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    w13 = torch.zeros(4, 512, 256, dtype=torch.bfloat16)  # N, K multiples of the default blocks
+    assert grouped_gemm.grouped_mm_ok(FakeCuda(0), w13, silu_pairs=True)
+    assert not grouped_gemm.grouped_mm_ok(FakeCuda(1), w13, silu_pairs=True)
