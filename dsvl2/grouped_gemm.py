@@ -144,7 +144,7 @@ def _tma_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     16-byte aligned rows."""
     if TensorDescriptor is None or x.data_ptr() % 16 or w.data_ptr() % 16 or (x.shape[1] * x.element_size()) % 16:
         return False
-    return _interpreted() or (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9)
+    return _interpreted() or (x.is_cuda and _hopper(x))
 
 
 def _config(silu_pairs: bool, overrides: dict[str, int | bool | None]) -> dict[str, int | bool]:

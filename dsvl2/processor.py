@@ -138,8 +138,12 @@ class Processor:
         self.image_token_id = self._token_id(config.image_token)
         # Background of the padded views: the mean colour, so it normalises to ~0 (127 for 0.5).
         self._background = tuple(int(m * 255) for m in config.image_mean)
-        self._mean = torch.tensor(config.image_mean, dtype=torch.float32).view(3, 1, 1)
-        self._std = torch.tensor(config.image_std, dtype=torch.float32).view(3, 1, 1)
+        mean = torch.tensor(config.image_mean, dtype=torch.float32).view(3, 1)
+        std = torch.tensor(config.image_std, dtype=torch.float32).view(3, 1)
+        # Every uint8 value's normalised float32 per channel [3, 256], computed with the reference's operations
+        # (x/255, then (x - mean)/std, each rounded in float32): normalising a view is a table lookup with the
+        # same values, written straight into the tile tensor.
+        self._lut = torch.arange(256, dtype=torch.float32).div(255).sub(mean).div(std).numpy()
 
     def _token_id(self, token: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
@@ -200,7 +204,10 @@ class Processor:
                 ids += [self.image_token_id] * counts[i - 1]
             ids += self.tokenizer.encode(piece, add_special_tokens=False).ids
         input_ids = torch.tensor(ids, dtype=torch.long)
-        pixel_values = torch.cat(tiles) if tiles else torch.zeros(0, 3, TILE, TILE)
+        if not tiles:
+            pixel_values = torch.zeros(0, 3, TILE, TILE)
+        else:
+            pixel_values = tiles[0] if len(tiles) == 1 else torch.cat(tiles)  # one image: no copy
         return Encoded(input_ids, pixel_values, crops, counts, input_ids == self.image_token_id)
 
     def _tiles(self, image: Image.Image, tiled: bool) -> tuple[tuple[int, int], torch.Tensor]:
@@ -213,21 +220,27 @@ class Processor:
         else:
             width, height = TILE, TILE
         across, down = width // TILE, height // TILE
-        global_view = self._normalise(self._pad(image, (TILE, TILE)))  # [3, 384, 384]
-        local_view = self._normalise(self._pad(image, (width, height)))  # [3, down*384, across*384]
-        # Cut the local view into row-major 384x384 crops: [3, d*384, a*384] -> [d*a, 3, 384, 384].
-        local = local_view.view(3, down, TILE, across, TILE).permute(1, 3, 0, 2, 4)
-        local = local.reshape(down * across, 3, TILE, TILE)
-        return (across, down), torch.cat([global_view[None], local])
+        out = torch.empty(1 + down * across, 3, TILE, TILE)
+        self._normalise(self._pad(image, (TILE, TILE)), out[:1])  # the global view
+        # The local view [down*384, across*384] cut into row-major 384x384 crops.
+        self._normalise(self._pad(image, (width, height)), out[1:])
+        return (across, down), out
+
+    def _normalise(self, image: Image.Image, out: torch.Tensor) -> None:
+        """An RGB view of (a*384) x (d*384) pixels -> out [d*a, 3, 384, 384] float32, crops row-major: x/255 then
+        (x - mean)/std per channel, in float32 like the reference transform (see ``_lut``)."""
+        pixels = np.asarray(image, dtype=np.uint8)  # [H, W, 3]
+        dest = out.numpy()
+        down, across = pixels.shape[0] // TILE, pixels.shape[1] // TILE
+        for i in range(down):
+            for j in range(across):
+                crop = pixels[i * TILE:(i + 1) * TILE, j * TILE:(j + 1) * TILE]
+                for c in range(3):
+                    np.take(self._lut[c], crop[..., c], out=dest[i * across + j, c])
 
     def _pad(self, image: Image.Image, size: tuple[int, int]) -> Image.Image:
         # Aspect-preserving bicubic resize (upscaling too), centred on the mean colour.
         return ImageOps.pad(image, size, method=Image.Resampling.BICUBIC, color=self._background)
-
-    def _normalise(self, image: Image.Image) -> torch.Tensor:
-        """[3, H, W] float32: x/255 then (x - mean)/std, in float32 like the reference transform."""
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # [3, H, W]
-        return pixels.float().div(255).sub(self._mean).div(self._std).contiguous()
 
     def decode(self, ids: list[int]) -> str:
         """Text of `ids` with special tokens (e.g. `<|ref|>`, `<|det|>`) kept, bos/eos/pad dropped."""

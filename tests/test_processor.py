@@ -187,6 +187,20 @@ def test_padding_colour_and_normalisation(processor: Processor) -> None:
     assert torch.allclose(global_view[:, 192, :], torch.tensor(1.0))
 
 
+def test_normalised_crops_equal_the_reference_formula(processor: Processor) -> None:
+    # A 3x2-tile view of random pixels (every uint8 value in every channel): each crop must be x/255 then
+    # (x - mean)/std in float32, computed on the whole view, cut row-major into 384x384 crops.
+    rng = np.random.default_rng(0)
+    view = rng.integers(0, 256, (2 * 384, 3 * 384, 3), dtype=np.uint8)
+    out = torch.empty(6, 3, 384, 384)
+    processor._normalise(Image.fromarray(view), out)
+    mean = torch.tensor(processor.config.image_mean).view(3, 1, 1)
+    std = torch.tensor(processor.config.image_std).view(3, 1, 1)
+    whole = torch.from_numpy(view).permute(2, 0, 1).float().div(255).sub(mean).div(std)  # [3, 768, 1152]
+    crops = whole.view(3, 2, 384, 3, 384).permute(1, 3, 0, 2, 4).reshape(6, 3, 384, 384)
+    assert torch.equal(out, crops)
+
+
 def test_non_rgb_and_thin_images_direct(processor: Processor) -> None:
     grey = Image.new("L", (1, 500), 200)
     enc = processor.encode("<image>", [grey])
