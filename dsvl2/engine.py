@@ -389,7 +389,8 @@ class Engine:
 
     def capture(self) -> None:
         """Capture the decode step of each sampler mode in a CUDA graph (after warm-up runs on a side
-        stream). The graphs share one memory pool: only one of them runs at a time."""
+        stream; the three share one memory pool: only one of them runs at a time), then the vision tower's graph
+        for each single-image tile count."""
         if not self.use_graphs:
             return
         saved = [t.clone() for t in (self.tokens, self.pos, self.seen)]
