@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_timing import graph_ms  # noqa: E402
 
 from dsvl2 import grouped_gemm  # noqa: E402
 
@@ -56,25 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def graph_us(fn: Callable[[], object], reps: int, replays: int) -> float:
     """Microseconds per call of fn, from a CUDA graph of reps calls replayed `replays` times."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (compilation, cuBLAS workspaces) outside the capture
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    us = start.elapsed_time(end) * 1e3 / (replays * reps)
-    del graph
-    return us
+    return graph_ms(lambda: [fn() for _ in range(reps)], replays) * 1e3 / reps
 
 
 def rel(got: torch.Tensor, ref: torch.Tensor) -> float:

@@ -29,28 +29,13 @@ from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import plain_path, teacher_forced  # noqa: E402
+from gpu_timing import graph_ms, replay_ms  # noqa: E402
 
 from dsvl2 import kernels, moe  # noqa: E402
-from dsvl2.engine import Engine, capture_graph  # noqa: E402
+from dsvl2.engine import Engine  # noqa: E402
 from dsvl2.processor import Processor  # noqa: E402
 from dsvl2.sampling import SamplingParams  # noqa: E402
 from dsvl2.tiny import random_model, write_processor_files  # noqa: E402
-
-
-def replay_ms(graph: torch.cuda.CUDAGraph, reps: int = 100) -> float:
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
-def graph_ms(fn, reps: int = 50) -> float:
-    graph, _ = capture_graph(fn, None, warmups=1)
-    return replay_ms(graph, reps)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

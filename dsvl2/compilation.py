@@ -15,6 +15,8 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
+from .loader import read_ahead
+
 # Per configuration: Triton's do_bench (Inductor's default benchmarker) runs for warm-up and repetition times in
 # milliseconds (Inductor asks for 25 and 40); the experimental benchmarker counts runs (100 each).
 QUICK_BENCHMARK_MS = 3
@@ -91,23 +93,8 @@ def compiler_files() -> list[Path]:
 def prefetch_compiler_files() -> int:
     """Ask the kernel to read ``compiler_files`` into the page cache now (asynchronously). Called before the
     weight load saturates the disk: otherwise each module import, ptxas and gcc start during compilation
-    waits behind gigabytes of queued weight reads. -> bytes requested (0 where posix_fadvise is missing)."""
-    if not hasattr(os, "posix_fadvise"):
-        return 0
-    total = 0
-    for path in compiler_files():
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            total += os.fstat(fd).st_size
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-    return total
+    waits behind gigabytes of queued weight reads. -> bytes requested."""
+    return read_ahead(compiler_files())
 
 
 def prepare_compiler() -> None:

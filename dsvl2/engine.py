@@ -294,12 +294,8 @@ class Engine:
     def _capture_prefill(self, size: int, row: int) -> tuple | bool:
         x = self._prefill_input(size)
         last = torch.zeros(1, dtype=torch.int64, device=self.device)
-        captured = self._try_capture(lambda: self._padded_prefill(x, last, row), "_prefill_pool",
-                                     f"the prefill for {size} positions", "prompts of that length")
-        if not captured:
-            return False
-        graph, out = captured
-        return graph, x, last, out
+        return self._try_capture(lambda: self._padded_prefill(x, last, row), (x, last), "_prefill_pool",
+                                 f"the prefill for {size} positions", "prompts of that length")
 
     def _encode_tiles(self, pixels: torch.Tensor) -> torch.Tensor:
         """The vision tower and projector over pixels [n, 3, 384, 384] (on the device, model dtype), replayed
@@ -312,9 +308,9 @@ class Engine:
         entry = self.vision_graphs.get(n)
         if entry is None:
             x = torch.zeros_like(pixels)
-            captured = self._try_capture(lambda: self.model.encode_tiles(x), "_vision_pool",
-                                         f"the vision tower for {n} tiles", "images of that many tiles")
-            entry = self.vision_graphs[n] = captured and (captured[0], x, captured[1])  # (graph, input, output)
+            entry = self.vision_graphs[n] = self._try_capture(lambda: self.model.encode_tiles(x), (x,), "_vision_pool",
+                                                              f"the vision tower for {n} tiles",
+                                                              "images of that many tiles")
         if not entry:
             return self.model.encode_tiles(pixels)
         graph, x, out = entry
@@ -322,10 +318,11 @@ class Engine:
         graph.replay()
         return out
 
-    def _try_capture(self, fn: Callable[[], torch.Tensor], pool: str, what: str,
-                     fallback: str) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | bool:
-        """Capture ``fn`` into the memory pool named by the attribute ``pool`` (one pool per kind of graph: one
-        graph of a kind runs at a time) -> (graph, its output), or False (logged) if the capture fails."""
+    def _try_capture(self, fn: Callable[[], torch.Tensor], inputs: tuple[torch.Tensor, ...], pool: str, what: str,
+                     fallback: str) -> tuple | bool:
+        """Capture ``fn`` (which reads the static ``inputs``) into the memory pool named by the attribute ``pool``
+        (one pool per kind of graph: one graph of a kind runs at a time) -> (graph, *inputs, its output), or
+        False (logged) if the capture fails."""
         try:
             # The warm-up run builds the compiled code for these shapes before the capture.
             graph, out = capture_graph(fn, getattr(self, pool), warmups=1)
@@ -333,7 +330,7 @@ class Engine:
             self.log(f"capturing {what} failed ({type(e).__name__}: {e}); {fallback} run without a graph")
             return False
         setattr(self, pool, graph.pool())
-        return graph, out
+        return graph, *inputs, out
 
     def _drop_compiled(self, names: tuple[str, ...]) -> bool:
         """Remove the compiled wrappers of these methods (back to the plain ones); True if any existed.

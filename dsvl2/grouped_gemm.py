@@ -167,7 +167,7 @@ def grouped_mm_ok(x: torch.Tensor, w: torch.Tensor, *, silu_pairs: bool = False)
 def _hopper(x: torch.Tensor) -> bool:
     """Whether x's GPU is sm90 or later (or the interpreter runs the kernel): the default tiles' pipeline needs
     about 196 KB of shared memory per block, which an sm80 GPU (164 KB) cannot launch."""
-    return _interpreted() or torch.cuda.get_device_capability(x.device)[0] >= 9
+    return _interpreted() or kernels.sm90_or_later(x.device)
 
 
 @torch.library.custom_op("dsvl2::grouped_mm", mutates_args=())

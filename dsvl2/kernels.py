@@ -56,13 +56,17 @@ def _launch_pdl_supported() -> bool:
     return gdc_wait is not None and "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
+def sm90_or_later(device: torch.device) -> bool:
+    """Whether a CUDA device is Hopper (sm90) or later."""
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def use_pdl(x: torch.Tensor) -> bool:
     """Whether the kernels launch with programmatic dependent launch on x's device (sm90+, Triton support)."""
     if not PDL or not x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     if x.device not in _pdl_devices:
-        major = torch.cuda.get_device_capability(x.device)[0]
-        _pdl_devices[x.device] = major >= 9 and _launch_pdl_supported()
+        _pdl_devices[x.device] = sm90_or_later(x.device) and _launch_pdl_supported()
     return _pdl_devices[x.device]
 
 

@@ -15,7 +15,7 @@ import mmap
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -180,7 +180,7 @@ def _fill(params: dict[str, nn.Parameter], ckpt: Path,
         else:
             unfilled.add(n)
     names = {n: p for n, p in shard_files(ckpt).items() if not n.startswith(DROPPED_PREFIXES)}
-    _read_ahead(set(names.values()))
+    read_ahead(set(names.values()))
     n_bytes = 0
     for name, path, src in iter_tensors(ckpt, names):
         target, slot = _target(name, params, path)
@@ -204,17 +204,27 @@ def _expert_rows(stack: torch.Tensor, slot: tuple[int, int], rows: int) -> torch
     return stack[expert, block * rows:(block + 1) * rows]
 
 
-def _read_ahead(paths: set[Path]) -> None:
-    """Ask the kernel to start reading every shard now, in parallel, rather than page by page as
-    tensors are touched: on a cold page cache this keeps the disk busy for the whole load."""
+def read_ahead(paths: Iterable[Path]) -> int:
+    """Ask the kernel to start reading these files into the page cache now, all at once and asynchronously,
+    rather than page by page as they are touched: on a cold page cache this keeps the disk busy. Advice only:
+    a file that cannot be opened is skipped (reading it later reports the error). -> bytes requested (0 where
+    posix_fadvise is missing)."""
     if not hasattr(os, "posix_fadvise"):
-        return
+        return 0
+    total = 0
     for path in paths:
-        fd = os.open(path, os.O_RDONLY)
         try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            total += os.fstat(fd).st_size
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
         finally:
             os.close(fd)
+    return total
 
 
 def _describe(item: str | tuple[str, int, int]) -> str:
