@@ -2,10 +2,15 @@
 warm-up compiles, then the decode graphs are captured on the loaded weights. Afterwards (not timed) every 25th
 checkpoint tensor is compared with the model's parameter it was copied into.
 
-    python benchmarks/setup_time.py CHECKPOINT_DIR [--sample-stacks]
+    python benchmarks/setup_time.py CHECKPOINT_DIR [--sample-stacks] [--background load|none|disk|h2d]
 
 ``--sample-stacks`` also reports where each thread (the warm-up's compiler, the loader) spent the setup and how
 much CPU it got (``stack_sampler.py``).
+
+``--background`` replaces the weight load beside the warm-up, to find what in the load slows the compilation:
+``none`` (the model stays zero-filled), ``disk`` (the shards are read from disk as the load reads them, nothing
+goes to the GPU), ``h2d`` (host-to-GPU copies of the load's sizes from pageable memory, no disk) for as long as
+the load takes. The weight check is skipped for these.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from stack_sampler import StackSampler  # noqa: E402
 
 import dsvl2.engine  # noqa: E402
 from dsvl2.engine import Engine  # noqa: E402
-from dsvl2.loader import DROPPED_PREFIXES, _expert_rows, _target, iter_tensors, shard_files  # noqa: E402
+from dsvl2.loader import DROPPED_PREFIXES, _expert_rows, _target, iter_tensors, read_ahead, shard_files  # noqa: E402
 
 t_import = time.perf_counter() - t_start
 phases: dict[str, float] = {}
@@ -40,6 +45,45 @@ def timed(name, fn):
     return run
 
 
+BACKGROUND = sys.argv[sys.argv.index("--background") + 1] if "--background" in sys.argv else "load"
+LOAD_SECONDS = 35.0  # the load's duration on the lent H100s (BENCHMARKS.md)
+
+
+def read_shards(model, ckpt, log):
+    """The load's disk traffic alone: every shard read (with the load's read-ahead), nothing copied."""
+    t0 = time.perf_counter()
+    files = sorted(set(shard_files(Path(ckpt)).values()))
+    read_ahead(files)
+    buf, total = bytearray(64 << 20), 0
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                total += n
+    log(f"read {total / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s (no copies)")
+
+
+def copy_pageable(model, ckpt, log):
+    """The load's host-to-GPU copies alone: pageable memory to the parameters in expert-matrix pieces."""
+    t0 = time.perf_counter()
+    src = torch.zeros(64 << 20, dtype=torch.bfloat16)  # 128 MB of pageable memory (zeros: the model stays finite)
+    dst = [p.view(-1) for p in model.parameters() if p.numel() >= (1 << 20)]
+    piece, total = 2048 * 1408, 0  # one expert matrix
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        while time.perf_counter() - t0 < LOAD_SECONDS:
+            for d in dst:
+                for start in range(0, d.numel() - piece + 1, piece):
+                    d[start:start + piece].copy_(src[start % (src.numel() - piece):][:piece])
+                    total += 2 * piece
+                if time.perf_counter() - t0 >= LOAD_SECONDS:
+                    break
+    stream.synchronize()
+    log(f"copied {total / 1e9:.2f} GB host to GPU in {time.perf_counter() - t0:.1f} s (no disk)")
+
+
+if BACKGROUND != "load":
+    dsvl2.engine.load_into = {"none": lambda model, ckpt, log: None, "disk": read_shards,
+                              "h2d": copy_pageable}[BACKGROUND]
 dsvl2.engine.allocate_model = timed("allocate_model_s", dsvl2.engine.allocate_model)
 dsvl2.engine.Processor.from_pretrained = timed("processor_s", dsvl2.engine.Processor.from_pretrained)
 sampler = StackSampler(interval=0.01, depth=6) if "--sample-stacks" in sys.argv else None
@@ -61,6 +105,9 @@ timings = {"import_s": round(t_import, 1), "cuda_init_s": round(t_cuda, 1), "all
            "load_and_warmup_s": round(time.perf_counter() - t0 - t_load, 1),
            "setup_s": round(time.perf_counter() - t_start, 1), **phases}
 
+if BACKGROUND != "load":
+    print(json.dumps({**timings, "background": BACKGROUND}))
+    sys.exit(0)
 ckpt = Path(sys.argv[1])
 params = dict(engine.model.named_parameters())
 names = {n: p for n, p in shard_files(ckpt).items() if not n.startswith(DROPPED_PREFIXES)}

@@ -1,6 +1,7 @@
 """Where the threads of this process spend their time: a sampling profiler in pure Python (no installs needed on
 the lent machines). Every ``interval`` seconds it records the innermost frames of each thread's stack; ``report``
-gives, per thread, the most frequent (file:function) frames among the innermost ``depth``, and (Linux) the CPU
+gives, per thread, the most frequent (file:function) frames among the innermost ``depth`` and the most frequent
+innermost frames alone (where the thread was, or waited), and (Linux) the CPU
 time each thread used while sampled: a thread with little CPU for its wall time was waiting (on the interpreter
 lock, the disk, a lock in a library or a child process), one with a full core was computing.
 
@@ -23,6 +24,7 @@ class StackSampler:
         self.depth = depth
         self.counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.samples: collections.Counter = collections.Counter()
+        self.leaves: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self._last_cpu: dict[str, float] = {}  # the latest CPU reading of every thread seen, ended ones too
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stack-sampler", daemon=True)
@@ -49,6 +51,7 @@ class StackSampler:
                 name = names.get(ident, str(ident))
                 self.samples[name] += 1
                 seen = set()
+                self.leaves[name][f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}"] += 1
                 for _ in range(self.depth):
                     if frame is None:
                         break
@@ -63,7 +66,9 @@ class StackSampler:
         samples), ...]}} with the ``top`` frames of each thread."""
         frames = {name: [(key, round(n / self.samples[name], 3)) for key, n in counter.most_common(top)]
                   for name, counter in self.counts.items()}
-        return {"wall_s": round(self.wall, 2), "cpu_s": self.cpu, "frames": frames}
+        leaves = {name: [(key, round(n / self.samples[name], 3)) for key, n in counter.most_common(top)]
+                  for name, counter in self.leaves.items()}
+        return {"wall_s": round(self.wall, 2), "cpu_s": self.cpu, "frames": frames, "innermost": leaves}
 
 
 def thread_cpu_seconds() -> dict[str, float]:

@@ -390,6 +390,7 @@ class Engine:
         for each single-image tile count."""
         if not self.use_graphs:
             return
+        t0 = time.perf_counter()
         saved = [t.clone() for t in (self.tokens, self.pos, self.seen)]
         pool = None
         for mode in ("greedy", "top", "full"):
@@ -399,8 +400,12 @@ class Engine:
             t.copy_(s)
         # The vision tower for every tile count one image can have (global view + its grid); other counts
         # (several images) are captured on first use.
-        for n in sorted({1 + (w // TILE) * (h // TILE) for w, h in self.processor.config.candidate_resolutions}):
+        t1 = time.perf_counter()
+        counts = sorted({1 + (w // TILE) * (h // TILE) for w, h in self.processor.config.candidate_resolutions})
+        for n in counts:
             self._encode_tiles(torch.zeros(n, 3, TILE, TILE, dtype=self.model.dtype, device=self.device))
+        self.log(f"captured the decode step in {t1 - t0:.1f} s, the vision tower for {len(counts)} tile counts in "
+                 f"{time.perf_counter() - t1:.1f} s")
 
     def warmup(self) -> None:
         """Compile (regional), run two warm-up requests (they build the compiled code) and capture the decode
@@ -414,7 +419,9 @@ class Engine:
             self._or_eager(self._warm_requests)
             self.log(f"compiled and warmed up in {time.perf_counter() - t0:.1f} s")
             self._or_eager(self.capture)
+        t1 = time.perf_counter()
         self.wait_loaded()
+        self.log(f"waited {time.perf_counter() - t1:.1f} s for the weights")
         req = self.prepare("Hello", [], SamplingParams(temperature=0.1, seed=0), 8)
         text = "".join(self.stream(req))
         self.log(f"warm-up: {req.stats.output_tokens} tokens ({text[:40]!r}) in {time.perf_counter() - t0:.1f} s")
@@ -425,10 +432,12 @@ class Engine:
         self._warming = True
         try:
             for size in ((640, 480), (1000, 333)):
+                t0 = time.perf_counter()
                 image = Image.new("RGB", size, (200, 120, 40))
                 req = self.prepare("<image>\nDescribe this image.", [image], SamplingParams(temperature=0.1, seed=0), 4)
                 for _ in self.stream(req):
                     pass
+                self.log(f"warm-up request with a {size[0]}x{size[1]} image: {time.perf_counter() - t0:.1f} s")
         finally:
             self._warming = False
 
