@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from . import kernels
 from .compilation import prepare_compiler, quick_autotune
 from .config import ModelConfig
 from .detokenize import StreamDecoder
@@ -118,12 +119,13 @@ class Engine:
         if not background_load:
             return cls(load_model(checkpoint_dir, device, dtype, log=log), processor, log=log, **kwargs)
         cfg = ModelConfig.from_file(Path(checkpoint_dir) / "config.json")
-        if torch.device(device).type == "cuda":
-            # In the background, from now on (the disk is idle while the model is allocated): the compile
-            # workers started and the compiler's files requested into the page cache ahead of the weights.
-            threading.Thread(target=prepare_compiler, name="dsvl2-prepare-compiler", daemon=True).start()
         engine = cls(allocate_model(cfg, device, dtype), processor, log=log, **kwargs)
         engine._start_loading(checkpoint_dir)
+        if torch.device(device).type == "cuda":
+            # In the background: the compile workers started and the compiler's files requested into the page
+            # cache ahead of most of the weights. Not before the allocation: these imports hold module locks that
+            # the model's construction waited on for seconds.
+            threading.Thread(target=prepare_compiler, name="dsvl2-prepare-compiler", daemon=True).start()
         return engine
 
     def _start_loading(self, checkpoint_dir: str | Path) -> None:
@@ -413,18 +415,51 @@ class Engine:
         graph records the weights' addresses, not their values). Then wait for the load and run one short
         request through the graphs."""
         t0 = time.perf_counter()
+        kernels_thread = None
+        if self.use_compile and self.device.type == "cuda" and kernels.triton is not None:
+            kernels_thread = threading.Thread(target=self._precompile_kernels, name="dsvl2-precompile", daemon=True)
+            kernels_thread.start()
         if self.use_compile:
             self.compile()
         with quick_autotune():
             self._or_eager(self._warm_requests)
             self.log(f"compiled and warmed up in {time.perf_counter() - t0:.1f} s")
+            if kernels_thread is not None:
+                kernels_thread.join()  # done long before; its work must not overlap a graph capture
             self._or_eager(self.capture)
         t1 = time.perf_counter()
         self.wait_loaded()
         self.log(f"waited {time.perf_counter() - t1:.1f} s for the weights")
         req = self.prepare("Hello", [], SamplingParams(temperature=0.1, seed=0), 8)
         text = "".join(self.stream(req))
-        self.log(f"warm-up: {req.stats.output_tokens} tokens ({text[:40]!r}) in {time.perf_counter() - t0:.1f} s")
+        self.log(f"warm-up: {req.stats.output_tokens} tokens ({text[:40]!r}; first after "
+                 f"{req.stats.time_to_first_token_s:.2f} s) in {time.perf_counter() - t0:.1f} s")
+
+    def _precompile_kernels(self) -> None:
+        """Compile the Triton kernels of a decode step and of the prefill's experts side by side, while the main
+        thread traces and compiles the model (``kernels.precompile``). Runs one MoE decoder layer's plain
+        (uncompiled) code on dummy inputs with the launches collected, not run. An optimisation only: whatever
+        fails here compiles at its first launch instead."""
+        t0 = time.perf_counter()
+        lm = self.model.language
+        layers = lm.model.layers
+        i = next((i for i, layer in enumerate(layers) if isinstance(layer.mlp, MoE)), 0)
+        layer = layers[i]
+        d = lm.cfg.hidden_size
+
+        def run() -> None:
+            with torch.inference_mode():
+                x = torch.zeros(self.pos.shape[0], 1, d, dtype=self.model.dtype, device=self.device)
+                type(layer).decode(layer, x, lm.rope[self.pos][:, None], self.cache[i], self.pos)  # not compiled
+                layer.mlp(torch.zeros(1, PREFILL_BUCKET, d, dtype=self.model.dtype, device=self.device))
+
+        try:
+            with torch.cuda.device(self.device), torch.cuda.stream(torch.cuda.Stream(self.device)):
+                n = kernels.precompile(run, self.device)
+        except Exception as e:  # noqa: BLE001
+            self.log(f"compiling the Triton kernels ahead failed ({type(e).__name__}: {e}); they compile at first use")
+            return
+        self.log(f"compiled {n} Triton kernels in {time.perf_counter() - t0:.1f} s (beside the model's compilation)")
 
     def _warm_requests(self) -> None:
         # Two requests of different shapes, so that the compiled prefill settles on shape-generic code here

@@ -204,10 +204,9 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, silu_pai
         w_arg = TensorDescriptor(w, [e * n, k], [k, 1], [cols, bk])
     else:
         x_arg, w_arg = x, w
-    _grouped_mm_kernel[grid](x_arg, w_arg, offs.contiguous(), out, N=n, K=k, E=e,
-                             E_PAD=triton.next_power_of_2(e), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                             SILU_PAIRS=silu_pairs, TMA=use_tma, INTERPRET=_interpreted(),
-                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    kernels.launch(_grouped_mm_kernel, grid, x_arg, w_arg, offs.contiguous(), out, N=n, K=k, E=e,
+                   E_PAD=triton.next_power_of_2(e), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SILU_PAIRS=silu_pairs,
+                   TMA=use_tma, INTERPRET=_interpreted(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 

@@ -21,7 +21,11 @@ decoder layer one graph around them.
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -38,6 +42,63 @@ except ImportError:  # a Triton without grid dependency control: the kernels lau
 
 def available(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda
+
+
+# Set (in one thread) by ``precompile``: the launches that thread makes are collected instead of run.
+_COLLECTED: contextvars.ContextVar[list | None] = contextvars.ContextVar("dsvl2_collected_launches", default=None)
+
+
+def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``; inside ``precompile``'s ``run`` the launch is only recorded, so that the
+    kernel can be compiled for exactly these arguments without running."""
+    collected = _COLLECTED.get()
+    if collected is None:
+        kernel[grid](*args, **kwargs)
+    else:
+        collected.append((kernel, grid, args, kwargs))
+
+
+def precompile(run: Callable[[], object], device: torch.device, workers: int = 8) -> int:
+    """Compile, side by side in a pool of threads, every Triton kernel that ``run()`` launches, for the
+    arguments it launches them with (Triton specialises on dtypes, alignments and integer values), and load
+    each onto ``device``; the kernels do not run. Triton compiles a kernel on its first launch, in the
+    launching thread and one at a time, with a ptxas and a C compiler run (its launcher) each: seconds apiece,
+    on the service's start-up path. Compiled here, the first launch finds them in Triton's cache.
+    ``run`` executes PyTorch operations for real (on whatever data it is given). -> kernels compiled."""
+    collected: list = []
+    token = _COLLECTED.set(collected)
+    try:
+        run()
+    finally:
+        _COLLECTED.reset(token)
+    jobs = list({_launch_key(*job): job for job in collected}.values())
+    init = None
+    if device.type == "cuda":  # Triton compiles for, and loads onto, the thread's current device
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        init = functools.partial(torch.cuda.set_device, index)
+    with ThreadPoolExecutor(min(workers, max(len(jobs), 1)), initializer=init,
+                            thread_name_prefix="dsvl2-triton") as pool:
+        list(pool.map(_compile_launch, jobs))
+    return len(jobs)
+
+
+def _launch_key(kernel, grid, args, kwargs) -> tuple:
+    """What a launch's compiled kernel depends on, for skipping repeats: tensors by dtype, strides and alignment,
+    everything else by value (a superset of Triton's specialisation, so distinct compilations stay distinct)."""
+    def part(a):
+        if isinstance(a, torch.Tensor):
+            return ("tensor", a.dtype, a.dim(), a.stride(), a.data_ptr() % 16)
+        if isinstance(a, (bool, int, float, str, type(None))):
+            return a
+        return ("object", id(a))  # e.g. a tensor descriptor: never merged
+    return (kernel, tuple(part(a) for a in args), tuple(sorted((k, part(v)) for k, v in kwargs.items())))
+
+
+def _compile_launch(job: tuple) -> None:
+    kernel, grid, args, kwargs = job
+    compiled = kernel.warmup(*args, grid=grid, **kwargs)
+    # Loading the binary and building the launcher (a C compiler run) otherwise happen at the first launch.
+    getattr(compiled, "run", None)
 
 
 # Programmatic dependent launch (Hopper and later): each kernel here is launched so that it may start while
@@ -246,23 +307,23 @@ def _moe_block(x: torch.Tensor, a: torch.Tensor | None, norm_w: torch.Tensor | N
     logits = torch.empty(n, e, dtype=torch.float32, device=x.device)
     ids = torch.empty(n, top_k, dtype=torch.int32, device=x.device)
     wts = torch.empty(n, top_k, dtype=torch.float32, device=x.device)
-    _router_kernel[(n, triton.cdiv(e, ROUTER_BLOCK_E))](
-        x, a.contiguous() if norm else x, norm_w if norm else x, eps, res if norm else x, xn, gate_w, logits,
-        _route_counter(x.device), ids, wts, D=d, E=e, E_PAD=triton.next_power_of_2(e), K_TOP=top_k,
-        BLOCK_E=ROUTER_BLOCK_E, D_PAD=triton.next_power_of_2(d), NORM=norm, num_warps=4, **pdl)
+    launch(_router_kernel, (n, triton.cdiv(e, ROUTER_BLOCK_E)),
+           x, a.contiguous() if norm else x, norm_w if norm else x, eps, res if norm else x, xn, gate_w, logits,
+           _route_counter(x.device), ids, wts, D=d, E=e, E_PAD=triton.next_power_of_2(e), K_TOP=top_k,
+           BLOCK_E=ROUTER_BLOCK_E, D_PAD=triton.next_power_of_2(d), NORM=norm, num_warps=4, **pdl)
     h = torch.empty(n * slots, hid, dtype=x.dtype, device=x.device)
     bn, bk, nw = GATE_UP_CONFIG
-    _moe_gate_up_kernel[(n * slots, triton.cdiv(hid, bn))](
-        xn, w13, shared_gate_up, ids, h, D=d, HID=hid, K_TOP=top_k, N_SHARED=n_shared, BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=nw, **pdl)
+    launch(_moe_gate_up_kernel, (n * slots, triton.cdiv(hid, bn)),
+           xn, w13, shared_gate_up, ids, h, D=d, HID=hid, K_TOP=top_k, N_SHARED=n_shared, BLOCK_N=bn, BLOCK_K=bk,
+           num_warps=nw, **pdl)
     y = torch.empty(n, slots, d, dtype=torch.float32, device=x.device)
     bn, bk, nw = DOWN_CONFIG
     if pdl["USE_PDL"]:
         bn, nw = DOWN_PDL_CONFIG
         bk = triton.next_power_of_2(hid)
-    _moe_down_kernel[(n * slots, triton.cdiv(d, bn))](
-        h, w2, shared_down, ids, wts, y, D=d, HID=hid, K_TOP=top_k, N_SHARED=n_shared, BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=nw, **pdl)
+    launch(_moe_down_kernel, (n * slots, triton.cdiv(d, bn)),
+           h, w2, shared_down, ids, wts, y, D=d, HID=hid, K_TOP=top_k, N_SHARED=n_shared, BLOCK_N=bn, BLOCK_K=bk,
+           num_warps=nw, **pdl)
     return res, y
 
 
@@ -437,10 +498,10 @@ def mla_prologue(qkv: torch.Tensor, cos_sin: torch.Tensor, norm_w: torch.Tensor,
     q_lat = torch.empty(b, heads, rank, dtype=qkv.dtype, device=qkv.device)
     q_rope = torch.empty(b, heads, rope, dtype=qkv.dtype, device=qkv.device)
     block_r = min(rank, 64)
-    _mla_prologue_kernel[(b, heads, rank // block_r)](
-        qkv.contiguous(), cos_sin.reshape(b, 2, rope).contiguous(), norm_w, kv_b, cache, pos, q_lat, q_rope, eps,
-        cache.stride(0), cache.stride(1), H=heads, NOPE=nope, P=rope, R=rank, V=vdim, BLOCK_R=block_r, num_warps=4,
-        **_pdl_args(qkv))
+    launch(_mla_prologue_kernel, (b, heads, rank // block_r),
+           qkv.contiguous(), cos_sin.reshape(b, 2, rope).contiguous(), norm_w, kv_b, cache, pos, q_lat, q_rope, eps,
+           cache.stride(0), cache.stride(1), H=heads, NOPE=nope, P=rope, R=rank, V=vdim, BLOCK_R=block_r,
+           num_warps=4, **_pdl_args(qkv))
     return q_lat, q_rope
 
 
@@ -457,13 +518,13 @@ def latent_attention(q_lat: torch.Tensor, q_rope: torch.Tensor, cache: torch.Ten
     acc = torch.empty(b, n_split, h, rank, dtype=torch.float32, device=q_lat.device)
     m = torch.empty(b, n_split, h, dtype=torch.float32, device=q_lat.device)
     lse = torch.empty(b, n_split, h, dtype=torch.float32, device=q_lat.device)
-    _latent_attention_kernel[(b, n_split)](
-        q_lat.contiguous(), q_rope.contiguous(), cache, pos, acc, m, lse, cache.stride(0), cache.stride(1), scale,
-        H=h, R=rank, P=q_rope.shape[-1], NSPLIT=n_split, BLOCK_S=ATTENTION_BLOCK_S, **pdl)
+    launch(_latent_attention_kernel, (b, n_split),
+           q_lat.contiguous(), q_rope.contiguous(), cache, pos, acc, m, lse, cache.stride(0), cache.stride(1), scale,
+           H=h, R=rank, P=q_rope.shape[-1], NSPLIT=n_split, BLOCK_S=ATTENTION_BLOCK_S, **pdl)
     out = torch.empty(b, h, rank, dtype=q_lat.dtype, device=q_lat.device)
     block_r = min(rank, 128)
-    _attention_combine_kernel[(b, h, rank // block_r)](acc, m, lse, out, H=h, R=rank, NSPLIT=n_split,
-                                                       BLOCK_R=block_r, **pdl)
+    launch(_attention_combine_kernel, (b, h, rank // block_r), acc, m, lse, out, H=h, R=rank, NSPLIT=n_split,
+           BLOCK_R=block_r, **pdl)
     return out
 
 
@@ -475,8 +536,8 @@ def value_out(o_lat: torch.Tensor, kv_b: torch.Tensor, nope: int) -> torch.Tenso
     vdim = kv_b.shape[0] // h - nope
     out = torch.empty(b, h * vdim, dtype=o_lat.dtype, device=o_lat.device)
     block_v = min(vdim, 16)
-    _value_out_kernel[(b, h, vdim // block_v)](o_lat.contiguous(), kv_b, out, H=h, R=rank, NOPE=nope, V=vdim,
-                                               BLOCK_V=block_v, num_warps=4, **_pdl_args(o_lat))
+    launch(_value_out_kernel, (b, h, vdim // block_v), o_lat.contiguous(), kv_b, out, H=h, R=rank, NOPE=nope, V=vdim,
+           BLOCK_V=block_v, num_warps=4, **_pdl_args(o_lat))
     return out
 
 
@@ -529,8 +590,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         bk = triton.next_power_of_2(k)
     else:
         bn, bk, nw = GEMV_CONFIG
-    _gemv_kernel[(triton.cdiv(w.shape[0], bn), rows)](x.contiguous(), w, y, NOUT=w.shape[0], K=k, BLOCK_N=bn,
-                                                      BLOCK_K=bk, num_warps=nw, **pdl)
+    launch(_gemv_kernel, (triton.cdiv(w.shape[0], bn), rows), x.contiguous(), w, y, NOUT=w.shape[0], K=k, BLOCK_N=bn,
+           BLOCK_K=bk, num_warps=nw, **pdl)
     return y
 
 

@@ -164,3 +164,74 @@ def test_grouped_mm_only_on_hopper_or_later(monkeypatch: pytest.MonkeyPatch) -> 
     w13 = torch.zeros(4, 512, 256, dtype=torch.bfloat16)  # N, K multiples of the default blocks
     assert grouped_gemm.grouped_mm_ok(FakeCuda(0), w13, silu_pairs=True)
     assert not grouped_gemm.grouped_mm_ok(FakeCuda(1), w13, silu_pairs=True)
+
+
+class _FakeKernel:
+    """What ``kernels.launch`` and ``kernels.precompile`` use of a Triton kernel: launch, and compile-only."""
+
+    def __init__(self) -> None:
+        self.ran, self.compiled, self.loaded = [], [], []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.ran.append((grid, args, kwargs))
+
+    def warmup(self, *args, grid, **kwargs):
+        self.compiled.append((grid, args, kwargs))
+        kernel = self
+
+        class Compiled:
+            @property
+            def run(self):  # Triton loads the binary and builds the launcher on first access
+                kernel.loaded.append(grid)
+                return None
+
+        return Compiled()
+
+
+def test_precompile_compiles_each_launch_once_without_running_it() -> None:
+    import threading
+
+    import torch
+
+    from dsvl2 import kernels
+
+    k = _FakeKernel()
+    x, y = torch.zeros(4, 8), torch.zeros(4, 8, dtype=torch.bfloat16)
+    kernels.launch(k, (1,), x, 3, BLOCK=16)
+    assert k.ran == [((1,), (x, 3), {"BLOCK": 16})] and not k.compiled
+
+    other_thread = []
+
+    def run() -> None:
+        kernels.launch(k, (1,), x, 3, BLOCK=16)
+        kernels.launch(k, (2,), torch.ones(4, 8), 3, BLOCK=16)  # same dtype, strides, values: compiled once
+        kernels.launch(k, (1,), y, 3, BLOCK=16)  # another dtype
+        kernels.launch(k, (1,), x, 4, BLOCK=16)  # another integer
+        kernels.launch(k, (1,), x.t(), 3, BLOCK=16)  # other strides
+        kernels.launch(k, (1,), x, 3, BLOCK=32)  # another constant
+        # Only the thread running ``run`` collects: a launch from elsewhere meanwhile runs as usual.
+        t = threading.Thread(target=lambda: other_thread.append(kernels.launch(k, (9,), x, 3, BLOCK=16)))
+        t.start()
+        t.join()
+
+    assert kernels.precompile(run, torch.device("cpu"), workers=3) == 5
+    assert len(k.compiled) == 5 and len(k.loaded) == 5
+    assert {grid for grid, _, _ in k.ran} == {(1,), (9,)} and len(k.ran) == 2  # nothing of run's ran
+    assert {(args[1], kwargs["BLOCK"]) for _, args, kwargs in k.compiled} == {(3, 16), (4, 16), (3, 32)}
+    kernels.launch(k, (1,), x, 3, BLOCK=16)  # afterwards launches run again
+    assert len(k.ran) == 3
+
+
+def test_precompile_reports_a_failed_compilation() -> None:
+    import torch
+
+    from dsvl2 import kernels
+
+    class Broken(_FakeKernel):
+        def warmup(self, *args, grid, **kwargs):
+            raise RuntimeError("ptxas failed")
+
+    k = Broken()
+    with pytest.raises(RuntimeError, match="ptxas"):
+        kernels.precompile(lambda: kernels.launch(k, (1,), torch.zeros(2)), torch.device("cpu"))
+    assert not k.ran
