@@ -21,10 +21,12 @@ import time
 from pathlib import Path
 
 t_start = time.perf_counter()
-import torch  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dsvl2 import prefetch  # noqa: E402 - as predict.py does: before torch is imported
+
+prefetch.start()
+import torch  # noqa: E402
 from stack_sampler import StackSampler  # noqa: E402
 
 import dsvl2.engine  # noqa: E402
@@ -101,6 +103,7 @@ torch.cuda.synchronize()
 if sampler:
     sampler.stop()
     print(json.dumps({"stacks": sampler.report(top=25)}))
+print(json.dumps({"prefetch": prefetch.stats}))
 timings = {"import_s": round(t_import, 1), "cuda_init_s": round(t_cuda, 1), "allocate_s": round(t_load - t_cuda, 1),
            "load_and_warmup_s": round(time.perf_counter() - t0 - t_load, 1),
            "setup_s": round(time.perf_counter() - t_start, 1), **phases}

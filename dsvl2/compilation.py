@@ -9,13 +9,7 @@ the first time the kernel runs (tens of seconds in all for this model's prefill 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import os
-import sysconfig
 from collections.abc import Iterator
-from pathlib import Path
-
-from .loader import read_ahead
 
 # Per configuration: Triton's do_bench (Inductor's default benchmarker) runs for warm-up and repetition times in
 # milliseconds (Inductor asks for 25 and 40); the experimental benchmarker counts runs (100 each).
@@ -70,34 +64,7 @@ def quick_autotune(iters: int = QUICK_BENCHMARK_ITERS) -> Iterator[None]:
             bench.benchmark_gpu = own
 
 
-COMPILER_PACKAGES = ("torch", "triton", "sympy", "mpmath")
-
-
-def compiler_files() -> list[Path]:
-    """The files a first compilation reads: the Python packages of the compiler stack (modules imported on
-    first use, Triton's ptxas and libraries, the CUDA kernels torch loads lazily), the C compiler that builds
-    Triton's launchers, and Python's headers for it."""
-    roots = []
-    for name in COMPILER_PACKAGES:
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.submodule_search_locations:
-            roots += [Path(p) for p in spec.submodule_search_locations]
-    roots += [Path("/usr/lib/gcc"), Path(sysconfig.get_paths()["include"])]
-    files = []
-    for root in roots:
-        for folder, _, names in os.walk(root):
-            files += [Path(folder) / n for n in names]
-    return files
-
-
-def prefetch_compiler_files() -> int:
-    """Ask the kernel to read ``compiler_files`` into the page cache now (asynchronously). Called before the
-    weight load saturates the disk: otherwise each module import, ptxas and gcc start during compilation
-    waits behind gigabytes of queued weight reads. -> bytes requested."""
-    return read_ahead(compiler_files())
-
-
 def prepare_compiler() -> None:
-    """Start the compile workers, then prefetch the compiler's files (for a background thread at setup)."""
+    """Start the compile workers (for a background thread at setup). The compiler's files are read ahead by
+    ``prefetch`` from the start of the process."""
     start_compile_workers()
-    prefetch_compiler_files()

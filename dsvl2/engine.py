@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import kernels
+from . import kernels, prefetch
 from .compilation import prepare_compiler, quick_autotune
 from .config import ModelConfig
 from .detokenize import StreamDecoder
@@ -115,6 +115,8 @@ class Engine:
                         log: Callable[[str], None] = print, background_load: bool = False, **kwargs) -> Engine:
         """Load a checkpoint. With ``background_load`` the weights stream into a zero-filled model in a
         thread, so that ``warmup`` compiles while the disk is busy; generation waits for the load."""
+        if torch.device(device).type == "cuda":
+            prefetch.start()  # a no-op where the entry point started it before importing torch
         processor = Processor.from_pretrained(checkpoint_dir)
         if not background_load:
             return cls(load_model(checkpoint_dir, device, dtype, log=log), processor, log=log, **kwargs)
@@ -288,10 +290,12 @@ class Engine:
     def _prefill_input(self, size: int) -> torch.Tensor:
         """The static input of the captured prefill for ``size`` positions: [1, size, D], a view of one buffer
         of the whole context shared by every length bucket (one prefill runs at a time)."""
+        d = self.model.cfg.language.hidden_size
         if self._prefill_buffer is None:
-            d = self.model.cfg.language.hidden_size
-            self._prefill_buffer = torch.zeros(1, self.context, d, dtype=self.model.dtype, device=self.device)
-        return self._prefill_buffer[:, :size]
+            self._prefill_buffer = torch.zeros(self.context * d, dtype=self.model.dtype, device=self.device)
+        # Contiguous for every size (not a slice of [1, context, D], whose batch stride the compiled prefill
+        # would see as a new layout and recompile for: 4-6 s at the first short prompt).
+        return self._prefill_buffer[: size * d].view(1, size, d)
 
     def _capture_prefill(self, size: int, row: int) -> tuple | bool:
         x = self._prefill_input(size)

@@ -72,6 +72,12 @@ def precompile(run: Callable[[], object], device: torch.device, workers: int = 8
     finally:
         _COLLECTED.reset(token)
     jobs = list({_launch_key(*job): job for job in collected}.values())
+    try:  # Triton's cache key hashes its own library (500 MB): once here rather than in every thread at once
+        from triton.runtime.cache import triton_key
+
+        triton_key()
+    except Exception:  # noqa: BLE001 - a Triton without it (or the interpreter's stand-in) hashes on its own
+        pass
     init = None
     if device.type == "cuda":  # Triton compiles for, and loads onto, the thread's current device
         index = device.index if device.index is not None else torch.cuda.current_device()
