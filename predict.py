@@ -13,15 +13,17 @@ Environment:
 """
 
 # ruff: noqa: E402 - the prefetch starts before anything heavy is imported
+import os
+
 # First of all, before torch is imported: the software's own files read into the page cache in the background
 # (on a fresh machine the start otherwise waits on thousands of small reads one after another; dsvl2.prefetch).
 from dsvl2 import prefetch
 
-prefetch.start()
+if os.environ.get("DSVL2_DEVICE", "cuda").strip().lower() == "cuda":  # as setup() reads it
+    prefetch.start()
 
 import inspect
 import math
-import os
 import secrets
 import threading
 import time
