@@ -10,6 +10,7 @@ carry per-request state so several requests can share a step later.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
@@ -64,6 +65,7 @@ class Request:
 TOP_CANDIDATES = 64
 PREFILL_BUCKET = 64  # prompts are padded to a multiple of this for the captured prefills
 MAX_GRAPHED_TILES = 32  # more tiles than this (many images) run the vision tower without a graph
+PRECOMPILE_TIMEOUT_S = 300  # the warm-up waits at most this long for the Triton kernels compiled ahead
 
 
 def sampler_mode(params: SamplingParams) -> str:
@@ -428,8 +430,10 @@ class Engine:
         with quick_autotune():
             self._or_eager(self._warm_requests)
             self.log(f"compiled and warmed up in {time.perf_counter() - t0:.1f} s")
-            if kernels_thread is not None:
-                kernels_thread.join()  # done long before; its work must not overlap a graph capture
+            if kernels_thread is not None:  # done long before (seconds); its work must not overlap a graph capture
+                kernels_thread.join(PRECOMPILE_TIMEOUT_S)
+                if kernels_thread.is_alive():
+                    self.log(f"the Triton kernels were still compiling after {PRECOMPILE_TIMEOUT_S} s; going on")
             self._or_eager(self.capture)
         t1 = time.perf_counter()
         self.wait_loaded()
@@ -454,11 +458,15 @@ class Engine:
         def run() -> None:
             with torch.inference_mode():
                 x = torch.zeros(self.pos.shape[0], 1, d, dtype=self.model.dtype, device=self.device)
-                type(layer).decode(layer, x, lm.rope[self.pos][:, None], self.cache[i], self.pos)  # not compiled
+                cache = torch.zeros_like(self.cache[i])  # the real one's layout; the engine's state stays untouched
+                type(layer).decode(layer, x, lm.rope[self.pos][:, None], cache, self.pos)  # the class's: not compiled
                 layer.mlp(torch.zeros(1, PREFILL_BUCKET, d, dtype=self.model.dtype, device=self.device))
 
         try:
-            with torch.cuda.device(self.device), torch.cuda.stream(torch.cuda.Stream(self.device)):
+            with contextlib.ExitStack() as on_device:
+                if self.device.type == "cuda":  # Triton compiles for the current device; a stream of its own
+                    on_device.enter_context(torch.cuda.device(self.device))
+                    on_device.enter_context(torch.cuda.stream(torch.cuda.Stream(self.device)))
                 n = kernels.precompile(run, self.device)
         except Exception as e:  # noqa: BLE001
             self.log(f"compiling the Triton kernels ahead failed ({type(e).__name__}: {e}); they compile at first use")

@@ -312,3 +312,35 @@ def test_capture_prepares_the_vision_graph_of_every_single_image_tile_count(engi
     counts = {1 + (w // 384) * (h // 384) for w, h in engine.processor.config.candidate_resolutions}
     assert set(engine.vision_graphs) == counts
     assert set(engine.graphs) == {"greedy", "top", "full"}
+
+
+def test_kernel_precompile_leaves_the_engine_as_it_was(engine: Engine) -> None:
+    # The background compile of the Triton kernels runs one MoE layer's plain decode and prefill experts on dummy
+    # inputs. Here (CPU) no kernel applies, so none is compiled, but the plain code runs: the engine's cache,
+    # positions and answers must be untouched by it.
+    req = engine.prepare("<image>\nDescribe this image.", [Image.new("RGB", (64, 48), (9, 90, 200))],
+                         SamplingParams(temperature=0.0), 6)
+    list(engine.stream(req))
+    engine.cache.normal_()  # any write would show (rows past the answer are rewritten before they are read)
+    cache, pos = engine.cache.clone(), engine.pos.clone()
+    engine.logs.clear()
+    engine._precompile_kernels()
+    assert torch.equal(engine.cache, cache) and torch.equal(engine.pos, pos)
+    assert len(engine.logs) == 1 and engine.logs[0].startswith("compiled 0 Triton kernels"), engine.logs
+    again = engine.prepare("<image>\nDescribe this image.", [Image.new("RGB", (64, 48), (9, 90, 200))],
+                           SamplingParams(temperature=0.0), 6)
+    list(engine.stream(again))
+    assert again.output_ids == req.output_ids
+
+
+def test_a_failed_kernel_precompile_is_logged_not_raised(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dsvl2 import kernels
+
+    def broken(run, device, workers=8):
+        raise RuntimeError("ptxas fatal")
+
+    monkeypatch.setattr(kernels, "precompile", broken)
+    engine.logs.clear()
+    engine._precompile_kernels()
+    assert engine.logs == ["compiling the Triton kernels ahead failed (RuntimeError: ptxas fatal); they compile at "
+                           "first use"]
