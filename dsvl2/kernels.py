@@ -16,7 +16,8 @@ host synchronisation, fixed launch shapes for CUDA graphs):
 On Hopper they launch with programmatic dependent launch (see ``PDL``).
 
 They are all registered as ``torch.library`` custom operators, so that ``torch.compile`` keeps each
-decoder layer one graph around them.
+decoder layer one graph around them. Every launch goes through ``launch``, so that ``precompile`` can compile
+the kernels a piece of code would launch, side by side, before it first runs (the service's warm-up).
 """
 
 from __future__ import annotations
