@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +145,7 @@ class Processor:
         # (x/255, then (x - mean)/std, each rounded in float32): normalising a view is a table lookup with the
         # same values, written straight into the tile tensor.
         self._lut = torch.arange(256, dtype=torch.float32).div(255).sub(mean).div(std).numpy()
+        self._helper: ThreadPoolExecutor | None = None  # makes each image's global view (see _tiles)
 
     def _token_id(self, token: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
@@ -221,9 +223,15 @@ class Processor:
             width, height = TILE, TILE
         across, down = width // TILE, height // TILE
         out = torch.empty(1 + down * across, 3, TILE, TILE)
-        self._normalise(self._pad(image, (TILE, TILE)), out[:1])  # the global view
+        # The global view on a helper thread while this one makes the local view (Pillow's resampling releases
+        # the interpreter lock): the same operations on the same pixels, side by side.
+        image.load()  # decoded once here, not by both threads at once
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(1, thread_name_prefix="dsvl2-global-view")
+        global_view = self._helper.submit(lambda: self._normalise(self._pad(image, (TILE, TILE)), out[:1]))
         # The local view [down*384, across*384] cut into row-major 384x384 crops.
         self._normalise(self._pad(image, (width, height)), out[1:])
+        global_view.result()
         return (across, down), out
 
     def _normalise(self, image: Image.Image, out: torch.Tensor) -> None:

@@ -201,6 +201,22 @@ def test_normalised_crops_equal_the_reference_formula(processor: Processor) -> N
     assert torch.equal(out, crops)
 
 
+def test_views_of_a_lazily_decoded_file_equal_those_of_the_decoded_image(processor: Processor) -> None:
+    # The global view is made on a helper thread beside the local view: an image still to be decoded (as
+    # Image.open leaves it) is decoded once first, and both views equal those of the decoded image, bit for bit.
+    import io
+
+    rng = np.random.default_rng(1)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (600, 800, 3), dtype=np.uint8)).save(buf, format="PNG")
+    lazy = Image.open(io.BytesIO(buf.getvalue()))
+    decoded = Image.open(io.BytesIO(buf.getvalue())).copy()  # copy() decodes
+    got, want = processor.encode("<image>", [lazy]), processor.encode("<image>", [decoded])
+    assert got.pixel_values.shape == (7, 3, 384, 384) and torch.equal(got.pixel_values, want.pixel_values)
+    for _ in range(3):  # the helper thread is reused
+        assert torch.equal(processor.encode("<image>", [decoded]).pixel_values, want.pixel_values)
+
+
 def test_non_rgb_and_thin_images_direct(processor: Processor) -> None:
     grey = Image.new("L", (1, 500), 200)
     enc = processor.encode("<image>", [grey])
