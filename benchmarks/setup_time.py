@@ -3,6 +3,7 @@ warm-up compiles, then the decode graphs are captured on the loaded weights. Aft
 checkpoint tensor is compared with the model's parameter it was copied into.
 
     python benchmarks/setup_time.py CHECKPOINT_DIR [--sample-stacks] [--background load|none|disk|h2d]
+                                   [--workers early|wait]
 
 ``--sample-stacks`` also reports where each thread (the warm-up's compiler, the loader) spent the setup and how
 much CPU it got (``stack_sampler.py``).
@@ -11,6 +12,10 @@ much CPU it got (``stack_sampler.py``).
 ``none`` (the model stays zero-filled), ``disk`` (the shards are read from disk as the load reads them, nothing
 goes to the GPU), ``h2d`` (host-to-GPU copies of the load's sizes from pageable memory, no disk) for as long as
 the load takes. The weight check is skipped for these.
+
+``--workers`` tries an earlier start of Inductor's compile worker processes (session 5's stack samples showed
+Inductor compiling its kernels in the main process because the pool was not ready): ``early`` starts them in a
+thread right after torch is imported, ``wait`` also waits for them before the warm-up. Not yet measured.
 """
 
 from __future__ import annotations
@@ -48,6 +53,25 @@ def timed(name, fn):
 
 
 BACKGROUND = sys.argv[sys.argv.index("--background") + 1] if "--background" in sys.argv else "load"
+WORKERS = sys.argv[sys.argv.index("--workers") + 1] if "--workers" in sys.argv else ""
+if WORKERS in ("early", "wait"):
+    import threading  # noqa: E402
+
+    from dsvl2.compilation import start_compile_workers  # noqa: E402
+
+    threading.Thread(target=start_compile_workers, name="early-compile-workers", daemon=True).start()
+if WORKERS == "wait":
+    warmup = Engine.warmup
+
+    def waiting_warmup(self):
+        from torch._inductor.async_compile import AsyncCompile
+
+        t = time.perf_counter()
+        AsyncCompile.wait_pool_ready()
+        print(f"waited {time.perf_counter() - t:.1f} s for the compile workers", flush=True)
+        warmup(self)
+
+    Engine.warmup = waiting_warmup
 LOAD_SECONDS = 35.0  # the load's duration on the lent H100s (BENCHMARKS.md)
 
 
