@@ -63,8 +63,3 @@ def quick_autotune(iters: int = QUICK_BENCHMARK_ITERS) -> Iterator[None]:
         else:
             bench.benchmark_gpu = own
 
-
-def prepare_compiler() -> None:
-    """Start the compile workers (for a background thread at setup). The compiler's files are read ahead by
-    ``prefetch`` from the start of the process."""
-    start_compile_workers()

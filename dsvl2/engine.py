@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from . import kernels, prefetch
-from .compilation import prepare_compiler, quick_autotune
+from .compilation import quick_autotune, start_compile_workers
 from .config import ModelConfig
 from .detokenize import StreamDecoder
 from .errors import InputError, PromptTooLong
@@ -117,7 +117,8 @@ class Engine:
                         log: Callable[[str], None] = print, background_load: bool = False, **kwargs) -> Engine:
         """Load a checkpoint. With ``background_load`` the weights stream into a zero-filled model in a
         thread, so that ``warmup`` compiles while the disk is busy; generation waits for the load."""
-        if torch.device(device).type == "cuda":
+        on_cuda = torch.device(device).type == "cuda"
+        if on_cuda:
             prefetch.start()  # a no-op where the entry point started it before importing torch
         processor = Processor.from_pretrained(checkpoint_dir)
         if not background_load:
@@ -125,11 +126,10 @@ class Engine:
         cfg = ModelConfig.from_file(Path(checkpoint_dir) / "config.json")
         engine = cls(allocate_model(cfg, device, dtype), processor, log=log, **kwargs)
         engine._start_loading(checkpoint_dir)
-        if torch.device(device).type == "cuda":
-            # In the background: the compile workers started and the compiler's files requested into the page
-            # cache ahead of most of the weights. Not before the allocation: these imports hold module locks that
-            # the model's construction waited on for seconds.
-            threading.Thread(target=prepare_compiler, name="dsvl2-prepare-compiler", daemon=True).start()
+        if on_cuda:
+            # In the background: Inductor's compile workers started (after the allocation, which imports much of
+            # the same compiler stack itself).
+            threading.Thread(target=start_compile_workers, name="dsvl2-compile-workers", daemon=True).start()
         return engine
 
     def _start_loading(self, checkpoint_dir: str | Path) -> None:

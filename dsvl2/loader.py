@@ -204,27 +204,23 @@ def _expert_rows(stack: torch.Tensor, slot: tuple[int, int], rows: int) -> torch
     return stack[expert, block * rows:(block + 1) * rows]
 
 
-def read_ahead(paths: Iterable[Path]) -> int:
+def read_ahead(paths: Iterable[Path]) -> None:
     """Ask the kernel to start reading these files into the page cache now, all at once and asynchronously,
     rather than page by page as they are touched: on a cold page cache this keeps the disk busy. Advice only:
-    a file that cannot be opened is skipped (reading it later reports the error). -> bytes requested (0 where
-    posix_fadvise is missing)."""
+    a file that cannot be opened is skipped (reading it later reports the error)."""
     if not hasattr(os, "posix_fadvise"):
-        return 0
-    total = 0
+        return
     for path in paths:
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
             continue
         try:
-            total += os.fstat(fd).st_size
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         except OSError:
             pass
         finally:
             os.close(fd)
-    return total
 
 
 def _describe(item: str | tuple[str, int, int]) -> str:
