@@ -3,7 +3,7 @@ warm-up compiles, then the decode graphs are captured on the loaded weights. Aft
 checkpoint tensor is compared with the model's parameter it was copied into.
 
     python benchmarks/setup_time.py CHECKPOINT_DIR [--sample-stacks] [--background load|none|disk|h2d]
-                                   [--workers early|wait]
+                                   [--workers early|wait] [--no-bundle] [--save-bundle DIR] [--early-read-ahead]
 
 ``--sample-stacks`` also reports where each thread (the warm-up's compiler, the loader) spent the setup and how
 much CPU it got (``stack_sampler.py``).
@@ -16,6 +16,11 @@ the load takes. The weight check is skipped for these.
 ``--workers`` tries an earlier start of Inductor's compile worker processes (session 5's stack samples showed
 Inductor compiling its kernels in the main process because the pool was not ready): ``early`` starts them in a
 thread right after torch is imported, ``wait`` also waits for them before the warm-up. Not yet measured.
+
+``--no-bundle`` ignores the shipped compile bundles (``dsvl2.compile_bundle``): with an empty compile cache, the
+first start of a GPU or software stack that has none. ``--save-bundle DIR`` writes this start's compiled code
+into DIR as the bundle for this GPU and stack (after the timings; ``DIR=dsvl2/compiled`` to ship it).
+``--early-read-ahead`` starts the shards' read-ahead before torch is imported rather than when the engine starts.
 """
 
 from __future__ import annotations
@@ -31,12 +36,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dsvl2 import prefetch  # noqa: E402 - as predict.py does: before torch is imported
 
 prefetch.start()
+if "--early-read-ahead" in sys.argv:  # the shards' read-ahead from the first moment, beside the imports
+    prefetch.start_read_ahead(prefetch.checkpoint_files(sys.argv[1]))
 import torch  # noqa: E402
 from stack_sampler import StackSampler  # noqa: E402
 
 import dsvl2.engine  # noqa: E402
 from dsvl2.engine import Engine  # noqa: E402
-from dsvl2.loader import DROPPED_PREFIXES, _expert_rows, _target, iter_tensors, read_ahead, shard_files  # noqa: E402
+from dsvl2.loader import DROPPED_PREFIXES, _expert_rows, _target, iter_tensors, shard_files  # noqa: E402
+from dsvl2.prefetch import read_ahead  # noqa: E402
 
 t_import = time.perf_counter() - t_start
 phases: dict[str, float] = {}
@@ -112,6 +120,7 @@ if BACKGROUND != "load":
                               "h2d": copy_pageable}[BACKGROUND]
 dsvl2.engine.allocate_model = timed("allocate_model_s", dsvl2.engine.allocate_model)
 dsvl2.engine.Processor.from_pretrained = timed("processor_s", dsvl2.engine.Processor.from_pretrained)
+Engine._load_compile_bundle = timed("bundle_s", Engine._load_compile_bundle)
 sampler = StackSampler(interval=0.01, depth=6) if "--sample-stacks" in sys.argv else None
 if sampler:
     sampler.start()
@@ -120,6 +129,8 @@ torch.zeros(1, device="cuda")
 t_cuda = time.perf_counter() - t0
 engine = Engine.from_pretrained(sys.argv[1], "cuda", torch.bfloat16, log=lambda s: print(s, flush=True),
                                 background_load=True)
+if "--no-bundle" in sys.argv:
+    engine.bundle_dirs = []
 torch.cuda.synchronize()
 t_load = time.perf_counter() - t0
 engine.warmup()
@@ -132,6 +143,10 @@ timings = {"import_s": round(t_import, 1), "cuda_init_s": round(t_cuda, 1), "all
            "load_and_warmup_s": round(time.perf_counter() - t0 - t_load, 1),
            "setup_s": round(time.perf_counter() - t_start, 1), **phases}
 
+if "--save-bundle" in sys.argv:
+    from dsvl2 import compile_bundle  # noqa: E402
+
+    compile_bundle.save(Path(sys.argv[sys.argv.index("--save-bundle") + 1]), "cuda", log=print)
 if BACKGROUND != "load":
     print(json.dumps({**timings, "background": BACKGROUND}))
     sys.exit(0)

@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import kernels, prefetch
-from .compilation import quick_autotune, start_compile_workers
+from . import compile_bundle, kernels, prefetch
+from .compilation import import_compiler, quick_autotune, start_compile_workers
 from .config import ModelConfig
 from .detokenize import StreamDecoder
 from .errors import InputError, PromptTooLong
-from .loader import allocate_model, load_into, load_model
+from .loader import allocate_model, load_into, load_model, shard_files
 from .model import DeepseekVL2
 from .moe import MoE
 from .processor import TILE, Encoded, Processor
@@ -111,6 +111,8 @@ class Engine:
         self._prefill_pool = None
         self._vision_pool = None
         self._prefill_buffer: torch.Tensor | None = None  # see _prefill_input
+        # Where warm-up looks for a compile bundle of this GPU and software (dsvl2.compile_bundle), in order.
+        self.bundle_dirs: list[Path] = [compile_bundle.SHIPPED]
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
@@ -120,16 +122,25 @@ class Engine:
         on_cuda = torch.device(device).type == "cuda"
         if on_cuda:
             prefetch.start()  # a no-op where the entry point started it before importing torch
+        checkpoint_dir = Path(checkpoint_dir)
+        if background_load:
+            # The disk starts reading the shards now, while the model is allocated (the load then finds them
+            # read or in flight, in the order it copies them).
+            prefetch.start_read_ahead(shard_files(checkpoint_dir).values())
         processor = Processor.from_pretrained(checkpoint_dir)
-        if not background_load:
-            return cls(load_model(checkpoint_dir, device, dtype, log=log), processor, log=log, **kwargs)
-        cfg = ModelConfig.from_file(Path(checkpoint_dir) / "config.json")
-        engine = cls(allocate_model(cfg, device, dtype), processor, log=log, **kwargs)
-        engine._start_loading(checkpoint_dir)
-        if on_cuda:
-            # In the background: Inductor's compile workers started (after the allocation, which imports much of
-            # the same compiler stack itself).
-            threading.Thread(target=start_compile_workers, name="dsvl2-compile-workers", daemon=True).start()
+        if background_load:
+            cfg = ModelConfig.from_file(checkpoint_dir / "config.json")
+            engine = cls(allocate_model(cfg, device, dtype), processor, log=log, **kwargs)
+            engine._start_loading(checkpoint_dir)
+            # The compiler stack imported here, beside the load and before any thread that uses it starts: its
+            # modules import each other in cycles, and two threads importing them at once can fail ("partially
+            # initialized module"), as seen on an H200 with the workers, the kernel precompile and the warm-up.
+            import_compiler()
+            if on_cuda:  # in the background: Inductor's compile worker processes started
+                threading.Thread(target=start_compile_workers, name="dsvl2-compile-workers", daemon=True).start()
+        else:
+            engine = cls(load_model(checkpoint_dir, device, dtype, log=log), processor, log=log, **kwargs)
+        engine.bundle_dirs.insert(0, checkpoint_dir)  # a compile bundle beside the weights comes first
         return engine
 
     def _start_loading(self, checkpoint_dir: str | Path) -> None:
@@ -422,10 +433,13 @@ class Engine:
         request through the graphs."""
         t0 = time.perf_counter()
         kernels_thread = None
+        if self.use_compile:
+            import_compiler()  # before the precompile thread starts (a no-op where from_pretrained did it)
         if self.use_compile and self.device.type == "cuda" and kernels.triton is not None:
             kernels_thread = threading.Thread(target=self._precompile_kernels, name="dsvl2-precompile", daemon=True)
             kernels_thread.start()
         if self.use_compile:
+            self._load_compile_bundle()
             self.compile()
         with quick_autotune():
             self._or_eager(self._warm_requests)
@@ -442,6 +456,18 @@ class Engine:
         text = "".join(self.stream(req))
         self.log(f"warm-up: {req.stats.output_tokens} tokens ({text[:40]!r}; first after "
                  f"{req.stats.time_to_first_token_s:.2f} s) in {time.perf_counter() - t0:.1f} s")
+
+    def _load_compile_bundle(self) -> None:
+        """Before anything compiles: this GPU's and software's compile bundle, if one is in ``bundle_dirs``, into
+        the compile caches, so that the warm-up compiles as fast as a restart."""
+        key = compile_bundle.stack_key(self.device)
+        path = compile_bundle.find(key, self.bundle_dirs)
+        if path is None:
+            where = ", ".join(map(str, self.bundle_dirs)) or "no directory"
+            self.log(f"no compile bundle {compile_bundle.bundle_name(key)} in {where}: compiling from scratch "
+                     "(the compile cache makes a restart faster)")
+            return
+        compile_bundle.load(path, self.log)
 
     def _precompile_kernels(self) -> None:
         """Compile the Triton kernels of a decode step and of the prefill's experts side by side, while the main

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from .config import ModelConfig
 from .errors import CheckpointError
 from .model import DeepseekVL2
 from .moe import EXPERT_KEYS, STACKS, expert_blocks, expert_matrix_shape
+from .prefetch import start_read_ahead
 
 DROPPED_PREFIXES = ("vision.attn_pool.",)
 _EXPERT_RE = re.compile(r"^(language\.model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
@@ -81,16 +81,18 @@ def read_header(path: Path) -> dict[str, dict]:
 
 
 def iter_tensors(ckpt: Path, names: dict[str, Path]) -> Iterator[tuple[str, Path, torch.Tensor]]:
-    """Yield (name, shard, tensor) with each tensor a zero-copy view of its memory-mapped shard."""
+    """Yield (name, shard, tensor) with each tensor a zero-copy view of its memory-mapped shard, in file order
+    (shards by name, tensors by offset; a name missing from its shard first, to fail early): the order in which
+    ``read_ahead`` brings the bytes in, so each copy finds its bytes read or next in line."""
     by_file: dict[Path, list[str]] = {}
     for name, path in names.items():
         by_file.setdefault(path, []).append(name)
-    for path, wanted in by_file.items():
+    for path in sorted(by_file):
         header = read_header(path)
         with path.open("rb") as f:
             # ACCESS_COPY: a private mapping, so torch can wrap it without a writable-buffer warning.
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        for name in wanted:
+        for name in sorted(by_file[path], key=lambda n: header[n]["start"] if n in header else -1):
             if name not in header:
                 raise CheckpointError(f"{path}: the index lists tensor {name} but the shard does not contain it")
             info = header[name]
@@ -180,7 +182,7 @@ def _fill(params: dict[str, nn.Parameter], ckpt: Path,
         else:
             unfilled.add(n)
     names = {n: p for n, p in shard_files(ckpt).items() if not n.startswith(DROPPED_PREFIXES)}
-    read_ahead(set(names.values()))
+    start_read_ahead(names.values())
     n_bytes = 0
     for name, path, src in iter_tensors(ckpt, names):
         target, slot = _target(name, params, path)
@@ -202,25 +204,6 @@ def _expert_rows(stack: torch.Tensor, slot: tuple[int, int], rows: int) -> torch
     """The rows of one expert's checkpoint matrix inside a stacked parameter [E, blocks * rows, cols]."""
     expert, block = slot
     return stack[expert, block * rows:(block + 1) * rows]
-
-
-def read_ahead(paths: Iterable[Path]) -> None:
-    """Ask the kernel to start reading these files into the page cache now, all at once and asynchronously,
-    rather than page by page as they are touched: on a cold page cache this keeps the disk busy. Advice only:
-    a file that cannot be opened is skipped (reading it later reports the error)."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
 
 
 def _describe(item: str | tuple[str, int, int]) -> str:

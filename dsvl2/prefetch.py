@@ -12,12 +12,14 @@ standard library. An optimisation only: unreadable files are skipped, and nothin
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import sys
 import sysconfig
 import threading
 import time
+from collections.abc import Iterable
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -148,3 +150,53 @@ def _read_file(path: str, buf: bytearray) -> int:
     except OSError:
         return total
     return total
+
+
+def checkpoint_files(ckpt: str | Path) -> list[Path]:
+    """The shard files of a checkpoint directory, sorted, from its index (or its single ``model.safetensors``);
+    [] where there is no readable index. Only for reading ahead: the loader checks the checkpoint itself."""
+    ckpt = Path(ckpt)
+    try:
+        weight_map = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+        return sorted({ckpt / f for f in weight_map.values()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        single = ckpt / "model.safetensors"
+        return [single] if single.is_file() else []
+
+
+def read_ahead(paths: Iterable[Path]) -> None:
+    """Ask the kernel to read these files into the page cache now, in this order, rather than page by page as
+    they are touched: on a cold page cache this keeps the disk busy. Blocking: the kernel submits the reads
+    in this call, and with the disk's queue full that lasts about as long as the reading itself, so the
+    loader runs it beside the copies (``start_read_ahead``). Advice only: a file that cannot be opened is
+    skipped (reading it later reports the error)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+_read_ahead_started: set[tuple[Path, ...]] = set()
+
+
+def start_read_ahead(paths: Iterable[Path]) -> threading.Thread | None:
+    """``read_ahead`` of these files (sorted: the order in which the loader copies them) in a thread of its own,
+    once per set of files in a process: the service starts it before the model is allocated, and the load's own
+    call finds it started. -> the thread, or None if it was started before (or there is nothing to read)."""
+    files = tuple(sorted({Path(p) for p in paths}))
+    with _lock:
+        if not files or files in _read_ahead_started:
+            return None
+        _read_ahead_started.add(files)
+    thread = threading.Thread(target=read_ahead, args=(files,), name="dsvl2-read-ahead", daemon=True)
+    thread.start()
+    return thread

@@ -154,3 +154,51 @@ def test_built_checkpoint_round_trips(tmp_path: Path) -> None:
         f"model-0000{i}-of-000003.safetensors" for i in (1, 2, 3)]
     model = load_model(ckpt, "cpu", torch.float32)
     assert model.language.model.layers[1].mlp.experts.w13.shape == (8, 64, 64)
+
+
+def test_tensors_come_in_file_order(ckpt: Path) -> None:
+    """Shards by name, tensors by offset: the order in which the read-ahead brings the bytes in."""
+    from dsvl2.loader import iter_tensors, read_header, shard_files
+
+    names = shard_files(ckpt)
+    backwards = dict(reversed(names.items()))
+    seen = [(path, read_header(path)[name]["start"]) for name, path, _ in iter_tensors(ckpt, backwards)]
+    assert len(seen) == len(names)
+    assert seen == sorted(seen)
+
+
+def test_the_read_ahead_runs_beside_the_load_once_per_checkpoint(ckpt: Path, monkeypatch) -> None:
+    """The read-ahead blocks for about as long as the disk reads (the kernel submits the reads in the call): the
+    load must not wait for it, and a service that started it early does not start a second one."""
+    import threading
+
+    from dsvl2 import prefetch
+    from dsvl2.loader import shard_files
+
+    release, calls = threading.Event(), []
+
+    def slow_read_ahead(paths):
+        calls.append(list(paths))
+        release.wait(30)
+
+    monkeypatch.setattr(prefetch, "read_ahead", slow_read_ahead)
+    early = prefetch.start_read_ahead(shard_files(ckpt).values())
+    assert early is not None and early.is_alive()
+    model = load_model(ckpt)  # finishes while the read-ahead still "reads"
+    assert early.is_alive() and len(calls) == 1
+    assert calls[0] == sorted(set(shard_files(ckpt).values()))
+    assert torch.isfinite(model.language.lm_head.weight).all()
+    release.set()
+    early.join(5)
+    assert prefetch.start_read_ahead(shard_files(ckpt).values()) is None
+
+
+def test_checkpoint_files_without_torch(ckpt: Path, tmp_path: Path) -> None:
+    from dsvl2 import prefetch
+
+    assert prefetch.checkpoint_files(ckpt) == sorted({ckpt / f for f in _index(ckpt)["weight_map"].values()})
+    assert prefetch.checkpoint_files(tmp_path / "nowhere") == []
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "model.safetensors").write_bytes(b"")
+    assert prefetch.checkpoint_files(single) == [single / "model.safetensors"]

@@ -1,0 +1,116 @@
+"""Compile bundles (dsvl2.compile_bundle): named by GPU and software, found in order, loaded before the warm-up,
+and a real round trip through torch.compile's portable cache on the CPU."""
+
+from __future__ import annotations
+
+import lzma
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from dsvl2 import compile_bundle
+from dsvl2.engine import Engine
+
+H200 = {"device": "NVIDIA H200", "torch": "2.11.0+cu130", "triton": "3.6.0"}
+
+
+def test_name_carries_device_torch_and_triton_in_safe_characters() -> None:
+    name = compile_bundle.bundle_name(H200)
+    assert name == "nvidia-h200_torch-2.11.0-cu130_triton-3.6.0.bin.xz"
+    other = compile_bundle.bundle_name({**H200, "device": "NVIDIA H100 80GB HBM3"})
+    assert other.startswith("nvidia-h100-80gb-hbm3_") and other != name
+    assert compile_bundle.bundle_name({**H200, "torch": "2.13.0+cpu"}) != name
+
+
+def test_the_shipped_bundles_are_named_for_a_stack() -> None:
+    shipped = sorted(compile_bundle.SHIPPED.glob("*" + compile_bundle.SUFFIX))
+    assert shipped, "dsvl2/compiled/ ships at least the bundle measured in BENCHMARKS.md"
+    for path in shipped:
+        device, torch_part, triton_part = path.name.removesuffix(compile_bundle.SUFFIX).split("_")
+        assert torch_part.startswith("torch-") and triton_part.startswith("triton-") and device
+        assert lzma.decompress(path.read_bytes())  # a complete xz stream
+
+
+def test_find_takes_the_first_directory_that_holds_the_bundle(tmp_path: Path) -> None:
+    first, second, empty = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for d in (first, second, empty):
+        d.mkdir()
+    name = compile_bundle.bundle_name(H200)
+    (second / name).write_bytes(b"x")
+    (first / compile_bundle.bundle_name({**H200, "device": "other"})).write_bytes(b"x")  # another GPU's
+    assert compile_bundle.find(H200, [empty, first, second]) == second / name
+    (first / name).write_bytes(b"x")
+    assert compile_bundle.find(H200, [empty, first, second]) == first / name
+    assert compile_bundle.find(H200, [empty]) is None
+
+
+def test_a_damaged_bundle_is_logged_and_skipped(tmp_path: Path) -> None:
+    logs: list[str] = []
+    bad = tmp_path / compile_bundle.bundle_name(H200)
+    bad.write_bytes(b"not xz")
+    assert compile_bundle.load(bad, logs.append) is False
+    assert "not used" in logs[0] and str(bad) in logs[0]
+    bad.write_bytes(lzma.compress(b"not a torch cache"))
+    assert compile_bundle.load(bad, logs.append) is False
+
+
+def test_engine_looks_beside_the_weights_first_and_loads_before_compiling(tiny_checkpoint: Path,
+                                                                         monkeypatch) -> None:
+    logs: list[str] = []
+    engine = Engine.from_pretrained(tiny_checkpoint, "cpu", torch.float32, log=logs.append)
+    assert engine.bundle_dirs == [tiny_checkpoint, compile_bundle.SHIPPED]
+    engine._load_compile_bundle()
+    assert "no compile bundle" in logs[-1] and compile_bundle.bundle_name(compile_bundle.stack_key("cpu")) in logs[-1]
+
+    order: list[str] = []
+    (tiny_checkpoint / compile_bundle.bundle_name(compile_bundle.stack_key("cpu"))).write_bytes(b"x")
+    monkeypatch.setattr(compile_bundle, "load", lambda path, log: order.append(f"load {path.parent}"))
+    monkeypatch.setattr(Engine, "compile", lambda self: order.append("compile"))
+    monkeypatch.setattr(Engine, "_or_eager", lambda self, step: order.append(step.__name__))
+    monkeypatch.setattr(Engine, "stream", lambda self, req: iter(()))
+    engine.use_compile = True
+    try:
+        engine.warmup()
+    finally:
+        (tiny_checkpoint / compile_bundle.bundle_name(compile_bundle.stack_key("cpu"))).unlink()
+    assert order[:3] == [f"load {tiny_checkpoint}", "compile", "_warm_requests"]
+
+
+ROUND_TRIP = """
+import os, sys, torch
+from pathlib import Path
+from torch._dynamo.utils import counters
+from dsvl2 import compile_bundle
+def f(x):
+    return torch.nn.functional.silu(x) * x.cos() + 1
+mode, out = sys.argv[1], Path(sys.argv[2])
+if mode == "load":
+    assert compile_bundle.load(compile_bundle.find(compile_bundle.stack_key("cpu"), [out]), print)
+y = torch.compile(f)(torch.arange(8.0))
+assert torch.allclose(y, f(torch.arange(8.0)))
+if mode == "save":
+    print(compile_bundle.save(out, "cpu", print).name)
+print("counters", dict(counters["inductor"]))
+"""
+
+
+def test_round_trip_a_fresh_cache_compiles_from_the_bundle(tmp_path: Path) -> None:
+    """Compile in one process and save; in another with an empty compile cache, load and compile again: Inductor
+    finds the graph in its cache (a hit, no miss)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def run(mode: str, cache: str) -> str:
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / cache),
+               "TRITON_CACHE_DIR": str(tmp_path / cache / "triton"), "HOME": str(tmp_path)}
+        done = subprocess.run([sys.executable, "-c", ROUND_TRIP, mode, str(tmp_path / "bundles")], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    saved = run("save", "cache1")
+    assert "fxgraph_cache_miss" in saved and compile_bundle.bundle_name(compile_bundle.stack_key("cpu")) in saved
+    loaded = run("load", "cache2")
+    assert "1 inductor" in loaded
+    assert "'fxgraph_cache_hit': 1" in loaded and "fxgraph_cache_miss" not in loaded
