@@ -4,6 +4,7 @@ checkpoint tensor is compared with the model's parameter it was copied into.
 
     python benchmarks/setup_time.py CHECKPOINT_DIR [--sample-stacks] [--background load|none|disk|h2d]
                                    [--workers early|wait] [--no-bundle] [--save-bundle DIR] [--early-read-ahead]
+                                   [--load-workers N]
 
 ``--sample-stacks`` also reports where each thread (the warm-up's compiler, the loader) spent the setup and how
 much CPU it got (``stack_sampler.py``).
@@ -21,6 +22,7 @@ thread right after torch is imported, ``wait`` also waits for them before the wa
 first start of a GPU or software stack that has none. ``--save-bundle DIR`` writes this start's compiled code
 into DIR as the bundle for this GPU and stack (after the timings; ``DIR=dsvl2/compiled`` to ship it).
 ``--early-read-ahead`` starts the shards' read-ahead before torch is imported rather than when the engine starts.
+``--load-workers N`` copies N shards side by side, each with its own read-ahead (``dsvl2.loader.LOAD_WORKERS``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import torch  # noqa: E402
 from stack_sampler import StackSampler  # noqa: E402
 
 import dsvl2.engine  # noqa: E402
+import dsvl2.loader  # noqa: E402
 from dsvl2.engine import Engine  # noqa: E402
 from dsvl2.loader import DROPPED_PREFIXES, _expert_rows, _target, iter_tensors, shard_files  # noqa: E402
 from dsvl2.prefetch import read_ahead  # noqa: E402
@@ -127,6 +130,8 @@ if sampler:
 t0 = time.perf_counter()
 torch.zeros(1, device="cuda")
 t_cuda = time.perf_counter() - t0
+if "--load-workers" in sys.argv:
+    dsvl2.loader.LOAD_WORKERS = int(sys.argv[sys.argv.index("--load-workers") + 1])
 engine = Engine.from_pretrained(sys.argv[1], "cuda", torch.bfloat16, log=lambda s: print(s, flush=True),
                                 background_load=True)
 if "--no-bundle" in sys.argv:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import compile_bundle, kernels, prefetch
+from . import compile_bundle, kernels, loader, prefetch
 from .compilation import import_compiler, quick_autotune, start_compile_workers
 from .config import ModelConfig
 from .detokenize import StreamDecoder
@@ -126,7 +126,7 @@ class Engine:
         if background_load:
             # The disk starts reading the shards now, while the model is allocated (the load then finds them
             # read or in flight, in the order it copies them).
-            prefetch.start_read_ahead(shard_files(checkpoint_dir).values())
+            prefetch.start_read_ahead(shard_files(checkpoint_dir).values(), streams=loader.LOAD_WORKERS)
         processor = Processor.from_pretrained(checkpoint_dir)
         if background_load:
             cfg = ModelConfig.from_file(checkpoint_dir / "config.json")

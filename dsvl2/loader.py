@@ -10,11 +10,14 @@ and the key.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -146,33 +149,46 @@ def allocate_model(cfg: ModelConfig, device: str | torch.device, dtype: torch.dt
     return model
 
 
-def load_into(model: DeepseekVL2, ckpt: str | Path, log: Callable[[str], None] = lambda s: None) -> None:
+# Shards copied side by side in a background load (load_into), each with its own read-ahead stream. 1 is what
+# BENCHMARKS.md measured; `setup_time.py --load-workers 4` is ready to compare (not yet run on a GPU).
+LOAD_WORKERS = 1
+
+
+def load_into(model: DeepseekVL2, ckpt: str | Path, log: Callable[[str], None] = lambda s: None,
+              workers: int | None = None) -> None:
     """Copy a checkpoint into an allocated model's parameters in place, with ``load_model``'s checks. Safe
-    to run in a thread while the model runs: the copies go through a stream of their own, synchronised at
-    the end."""
+    to run in a thread while the model runs: the copies go through streams of their own (one per worker thread,
+    ``workers`` shards at a time, default ``LOAD_WORKERS``), synchronised at the end."""
     ckpt = Path(ckpt)
     t0 = time.perf_counter()
     params = dict(model.named_parameters())  # after finish_loading: views into the side-by-side stacks too
+    device = model.device
 
     def put(target: str, slot: tuple[int, int] | None, src: torch.Tensor) -> None:
         dst = params[target] if slot is None else _expert_rows(params[target], slot, src.shape[0])
         dst.copy_(src)
 
-    device = model.device
-    if device.type == "cuda":
+    @contextlib.contextmanager
+    def own_stream() -> Iterator[None]:
+        if device.type != "cuda":
+            yield
+            return
         stream = torch.cuda.Stream(device)
         with torch.cuda.stream(stream):
-            n_bytes = _fill(params, ckpt, put)
+            yield
         stream.synchronize()
-    else:
-        n_bytes = _fill(params, ckpt, put)
+
+    n_bytes = _fill(params, ckpt, put, LOAD_WORKERS if workers is None else workers, own_stream)
     log(f"loaded {n_bytes / 1e9:.2f} GB from {ckpt} into the model on {device} in {time.perf_counter() - t0:.1f} s")
 
 
 def _fill(params: dict[str, nn.Parameter], ckpt: Path,
-          put: Callable[[str, tuple[int, int] | None, torch.Tensor], None]) -> int:
+          put: Callable[[str, tuple[int, int] | None, torch.Tensor], None], workers: int = 1,
+          context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> int:
     """Check every checkpoint tensor against the model and hand it to ``put(parameter name, (expert, row
-    block) or None, tensor)``; every parameter must be filled. Returns the bytes read."""
+    block) or None, tensor)``; every parameter must be filled. With ``workers`` > 1 that many threads each take
+    a shard at a time (``put`` must then be safe to call from several threads), each inside ``context()``, with
+    as many read-ahead streams. Returns the bytes read."""
     # What must be filled: every plain parameter, and every (expert, row block) of a stacked one.
     unfilled: set = set()
     for n, p in params.items():
@@ -182,18 +198,35 @@ def _fill(params: dict[str, nn.Parameter], ckpt: Path,
         else:
             unfilled.add(n)
     names = {n: p for n, p in shard_files(ckpt).items() if not n.startswith(DROPPED_PREFIXES)}
-    start_read_ahead(names.values())
-    n_bytes = 0
-    for name, path, src in iter_tensors(ckpt, names):
-        target, slot = _target(name, params, path)
-        param = params[target]
-        expected = param.shape if slot is None else expert_matrix_shape(target.rpartition(".")[2], param.shape)
-        if src.shape != expected:
-            raise CheckpointError(
-                f"{path}: tensor {name} has shape {list(src.shape)}, the config expects {list(expected)}")
-        n_bytes += src.numel() * src.element_size()
-        put(target, slot, src)
-        unfilled.discard(target if slot is None else (target, *slot))
+    start_read_ahead(names.values(), streams=workers)
+    shards: dict[Path, dict[str, Path]] = {}
+    for name, path in names.items():
+        shards.setdefault(path, {})[name] = path
+    lock = threading.Lock()
+
+    def fill(shard: dict[str, Path], own_context: bool) -> int:
+        n_bytes = 0
+        with context() if own_context else contextlib.nullcontext():
+            for name, path, src in iter_tensors(ckpt, shard):
+                target, slot = _target(name, params, path)
+                param = params[target]
+                expected = param.shape if slot is None else expert_matrix_shape(target.rpartition(".")[2], param.shape)
+                if src.shape != expected:
+                    raise CheckpointError(
+                        f"{path}: tensor {name} has shape {list(src.shape)}, the config expects {list(expected)}")
+                n_bytes += src.numel() * src.element_size()
+                put(target, slot, src)
+                with lock:
+                    unfilled.discard(target if slot is None else (target, *slot))
+        return n_bytes
+
+    ordered = [shards[path] for path in sorted(shards)]
+    if workers <= 1:
+        with context():
+            n_bytes = sum(fill(shard, False) for shard in ordered)
+    else:
+        with ThreadPoolExecutor(workers, thread_name_prefix="dsvl2-load") as pool:
+            n_bytes = sum(f.result() for f in [pool.submit(fill, shard, True) for shard in ordered])
     if unfilled:
         missing = sorted(_describe(u) for u in unfilled)
         raise CheckpointError(f"{ckpt}: {len(missing)} parameter(s) not in the checkpoint, e.g. {missing[:5]}")

@@ -188,15 +188,19 @@ def read_ahead(paths: Iterable[Path]) -> None:
 _read_ahead_started: set[tuple[Path, ...]] = set()
 
 
-def start_read_ahead(paths: Iterable[Path]) -> threading.Thread | None:
-    """``read_ahead`` of these files (sorted: the order in which the loader copies them) in a thread of its own,
-    once per set of files in a process: the service starts it before the model is allocated, and the load's own
-    call finds it started. -> the thread, or None if it was started before (or there is nothing to read)."""
+def start_read_ahead(paths: Iterable[Path], streams: int = 1) -> list[threading.Thread]:
+    """``read_ahead`` of these files in ``streams`` threads of their own (sorted, the order in which the loader
+    copies them, dealt out in turn: with as many streams as the loader has workers, each worker's shard is read
+    by one stream), once per set of files in a process: the service starts it before the model is allocated, and
+    the load's own call finds it started. -> the threads; none if it was started before or there is nothing."""
     files = tuple(sorted({Path(p) for p in paths}))
     with _lock:
         if not files or files in _read_ahead_started:
-            return None
+            return []
         _read_ahead_started.add(files)
-    thread = threading.Thread(target=read_ahead, args=(files,), name="dsvl2-read-ahead", daemon=True)
-    thread.start()
-    return thread
+    streams = max(1, min(streams, len(files)))
+    threads = [threading.Thread(target=read_ahead, args=(files[i::streams],), name=f"dsvl2-read-ahead-{i}",
+                                daemon=True) for i in range(streams)]
+    for t in threads:
+        t.start()
+    return threads

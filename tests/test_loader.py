@@ -182,15 +182,15 @@ def test_the_read_ahead_runs_beside_the_load_once_per_checkpoint(ckpt: Path, mon
         release.wait(30)
 
     monkeypatch.setattr(prefetch, "read_ahead", slow_read_ahead)
-    early = prefetch.start_read_ahead(shard_files(ckpt).values())
-    assert early is not None and early.is_alive()
+    (early,) = prefetch.start_read_ahead(shard_files(ckpt).values())
+    assert early.is_alive()
     model = load_model(ckpt)  # finishes while the read-ahead still "reads"
     assert early.is_alive() and len(calls) == 1
     assert calls[0] == sorted(set(shard_files(ckpt).values()))
     assert torch.isfinite(model.language.lm_head.weight).all()
     release.set()
     early.join(5)
-    assert prefetch.start_read_ahead(shard_files(ckpt).values()) is None
+    assert prefetch.start_read_ahead(shard_files(ckpt).values()) == []
 
 
 def test_checkpoint_files_without_torch(ckpt: Path, tmp_path: Path) -> None:
@@ -202,3 +202,24 @@ def test_checkpoint_files_without_torch(ckpt: Path, tmp_path: Path) -> None:
     single.mkdir()
     (single / "model.safetensors").write_bytes(b"")
     assert prefetch.checkpoint_files(single) == [single / "model.safetensors"]
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_background_load_fills_what_the_strict_load_does(ckpt: Path, workers: int) -> None:
+    """load_into with one worker or a worker per shard (the golden checkpoint has three) copies every tensor as
+    load_model does, and a bad tensor in any shard still fails the load, naming it."""
+    from dsvl2.loader import allocate_model, load_into
+
+    reference = dict(load_model(ckpt, dtype=torch.float32).named_parameters())
+    cfg = ModelConfig.from_file(ckpt / "config.json")
+    model = allocate_model(cfg, "cpu", torch.float32)
+    load_into(model, ckpt, workers=workers)
+    got = dict(model.named_parameters())
+    assert got.keys() == reference.keys()
+    for name, p in reference.items():
+        assert torch.equal(got[name], p), name
+
+    key = sorted(_index(ckpt)["weight_map"])[-1]
+    _rewrite_shard(ckpt, key, lambda t: t.__setitem__(key, torch.zeros(3, 3, dtype=t[key].dtype)))
+    with pytest.raises(CheckpointError, match=re.escape(key)):
+        load_into(allocate_model(cfg, "cpu", torch.float32), ckpt, workers=workers)
