@@ -32,3 +32,31 @@ def test_quick_autotune_puts_back_what_was_there() -> None:
     with quick_autotune():
         assert vars(bench)["benchmark_gpu"] is not before
     assert vars(bench).get("benchmark_gpu") is before
+
+
+def test_background_load_imports_the_compiler_before_any_thread_needs_it(tiny_checkpoint) -> None:
+    """The model's construction no longer imports Dynamo and Inductor (no random initialisation on the meta device),
+    so from_pretrained imports them on its own thread once the load has started: threads importing them at the same
+    time fail ("partially initialized module", seen on an H200). In a fresh process: not imported by building the
+    model, imported when from_pretrained returns."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = f"""
+import sys, torch
+from dsvl2.engine import Engine
+from dsvl2.config import ModelConfig
+from dsvl2.model import DeepseekVL2
+with torch.device("meta"):
+    DeepseekVL2(ModelConfig.from_file({str(tiny_checkpoint / "config.json")!r}))
+assert "torch._dynamo" not in sys.modules, "building the model imported the compiler"
+engine = Engine.from_pretrained({str(tiny_checkpoint)!r}, "cpu", torch.float32, log=print, background_load=True)
+assert "torch._dynamo" in sys.modules and "torch._inductor.utils" in sys.modules
+engine.wait_loaded()
+print("ok")
+"""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root), "HOME": "/tmp"})
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
