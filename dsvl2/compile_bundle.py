@@ -11,7 +11,8 @@ Bundles are named by what their code depends on: the GPU model (Inductor's cache
 torch (with its CUDA build) and Triton. ``dsvl2/compiled/`` ships the bundles made on the lent GPUs; one can
 also be put beside the checkpoint. A bundle made from other sources of this package is harmless: every entry
 is still checked against its own cache key, so code that changed only misses and compiles as before.
-Make one with ``python benchmarks/setup_time.py CHECKPOINT --save-bundle dsvl2/compiled`` on the target GPU.
+Make one with ``python benchmarks/setup_time.py CHECKPOINT --no-bundle --save-bundle dsvl2/compiled`` on the target
+GPU.
 """
 
 from __future__ import annotations

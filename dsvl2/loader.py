@@ -197,16 +197,17 @@ def _fill(params: dict[str, nn.Parameter], ckpt: Path,
             unfilled |= {(n, e, o) for e in range(p.shape[0]) for o in range(expert_blocks(stack))}
         else:
             unfilled.add(n)
-    names = {n: p for n, p in shard_files(ckpt).items() if not n.startswith(DROPPED_PREFIXES)}
-    start_read_ahead(names.values(), streams=workers)
+    files = shard_files(ckpt)
+    start_read_ahead(files.values(), streams=workers)  # the same files as the engine's early start: found started
+    names = {n: p for n, p in files.items() if not n.startswith(DROPPED_PREFIXES)}
     shards: dict[Path, dict[str, Path]] = {}
     for name, path in names.items():
         shards.setdefault(path, {})[name] = path
     lock = threading.Lock()
 
-    def fill(shard: dict[str, Path], own_context: bool) -> int:
+    def fill(shard: dict[str, Path], shard_context: Callable[[], contextlib.AbstractContextManager]) -> int:
         n_bytes = 0
-        with context() if own_context else contextlib.nullcontext():
+        with shard_context():
             for name, path, src in iter_tensors(ckpt, shard):
                 target, slot = _target(name, params, path)
                 param = params[target]
@@ -222,11 +223,11 @@ def _fill(params: dict[str, nn.Parameter], ckpt: Path,
 
     ordered = [shards[path] for path in sorted(shards)]
     if workers <= 1:
-        with context():
-            n_bytes = sum(fill(shard, False) for shard in ordered)
+        with context():  # one for the whole load
+            n_bytes = sum(fill(shard, contextlib.nullcontext) for shard in ordered)
     else:
         with ThreadPoolExecutor(workers, thread_name_prefix="dsvl2-load") as pool:
-            n_bytes = sum(f.result() for f in [pool.submit(fill, shard, True) for shard in ordered])
+            n_bytes = sum(f.result() for f in [pool.submit(fill, shard, context) for shard in ordered])
     if unfilled:
         missing = sorted(_describe(u) for u in unfilled)
         raise CheckpointError(f"{ckpt}: {len(missing)} parameter(s) not in the checkpoint, e.g. {missing[:5]}")
