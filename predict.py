@@ -10,6 +10,16 @@ Environment:
   DSVL2_COMPILE_CACHE  where compiled kernels are cached (default `~/.cache/dsvl2`).
   DSVL2_PDL      `0` launches the decode kernels without programmatic dependent launch (default on for
                  Hopper and later; same results, ≈ 7 % slower decode on an H100).
+  DSVL2_MAX_BATCH  how many predictions decode together (default: as many full-context caches as fit in the
+                 GPU memory left after the weights, at most 64; 1 on the CPU). Predictions beyond it wait.
+  DSVL2_STREAM_INTERVAL_MS  after its first text, a prediction's text is sent at most once per this many
+                 milliseconds (default 30), whatever came meanwhile in one chunk.
+  COG_MAX_CONCURRENCY  coglet's prediction slots (read by coglet when the server starts; cog.yaml's
+                 `concurrency.max` in a built image): predictions beyond it get HTTP 409.
+
+Concurrency: `run` is async and returns a plain generator, which coglet streams from a thread of its own per
+prediction; every prediction's generator reads its text from the engine's scheduler, which decodes all of them
+together on the GPU (continuous batching, dsvl2.scheduler).
 """
 
 # ruff: noqa: E402 - the prefetch starts before anything heavy is imported
@@ -22,6 +32,7 @@ from dsvl2 import prefetch
 if os.environ.get("DSVL2_DEVICE", "cuda").strip().lower() == "cuda":  # as setup() reads it
     prefetch.start()
 
+import asyncio
 import inspect
 import math
 import secrets
@@ -37,7 +48,7 @@ from cog import BaseRunner, ConcatenateIterator, Input, Path, streaming
 from cog.input import FieldInfo
 
 from dsvl2.download import ensure_checkpoint
-from dsvl2.engine import Engine, GenerationStats
+from dsvl2.engine import Engine, GenerationStats, Request
 from dsvl2.errors import CheckpointError, InputError
 from dsvl2.images import load_image
 from dsvl2.sampling import SamplingParams
@@ -45,6 +56,8 @@ from dsvl2.sampling import SamplingParams
 WEIGHTS_ENV = "DSVL2_WEIGHTS"
 DEVICE_ENV = "DSVL2_DEVICE"
 CACHE_ENV = "DSVL2_COMPILE_CACHE"
+BATCH_ENV = "DSVL2_MAX_BATCH"
+INTERVAL_ENV = "DSVL2_STREAM_INTERVAL_MS"
 DEFAULT_WEIGHTS = LocalPath(__file__).resolve().parent / "weights"
 REPO_ID = "deepseek-ai/deepseek-vl2-small"
 DTYPES = {"cuda": torch.bfloat16, "cpu": torch.float32}
@@ -108,7 +121,8 @@ class Runner(BaseRunner):
                 # On the GPU the weights stream in while warm-up compiles (the load is disk-bound,
                 # compilation CPU-bound); the warm-up's final step waits for the load to finish.
                 self.engine = Engine.from_pretrained(checkpoint, device=device, dtype=dtype, log=log,
-                                                     background_load=device == "cuda")
+                                                     background_load=device == "cuda", slots=batch_slots(),
+                                                     stream_interval=stream_interval())
             with timed("warm-up"):
                 self.engine.warmup()
         except CheckpointError as e:
@@ -118,9 +132,10 @@ class Runner(BaseRunner):
                 f"downloads {REPO_ID} into it."
             ) from e
         log(f"setup: ready in {time.perf_counter() - started:.1f}s")
+        log(concurrency_summary(self.engine.slots))
 
     @streaming
-    def run(
+    async def run(
         self,
         image: Path = Input(description="Input image", accept="image/*"),
         prompt: str = Input(
@@ -168,6 +183,12 @@ class Runner(BaseRunner):
     ) -> ConcatenateIterator[str]:
         """Answer a prompt about one or more images, streaming the text as it is generated."""
         args = checked_inputs(Runner.run, locals())  # first statement: locals() holds just the inputs
+        scope = self.scope  # this prediction's: the generator runs on another thread, outside its context
+        request = await asyncio.to_thread(self.prepare, args)  # images and tokens, off the event loop
+        scope.record_metric("input_token_count", request.stats.prompt_tokens)
+        return self.generate(request, scope)
+
+    def prepare(self, args: dict) -> Request:
         paths = [args["image"], *(args[name] for name in EXTRA_IMAGES if args[name] is not None)]
         images = [load_image(p) for p in paths]
         if args["seed"] is None and args["temperature"] > 0:
@@ -180,22 +201,53 @@ class Runner(BaseRunner):
             repetition_penalty=args["repetition_penalty"],
             seed=args["seed"],
         )
-        request = self.engine.prepare(args["prompt"], images, params, args["max_length_tokens"])
-        self.record_metric("input_token_count", request.stats.prompt_tokens)
+        return self.engine.prepare(args["prompt"], images, params, args["max_length_tokens"])
+
+    def generate(self, request: Request, scope) -> Iterator[str]:
         cancel = threading.Event()
         try:
             yield from self.engine.stream(request, cancel=cancel)
         finally:
             cancel.set()  # however this ends (done, cancelled, client gone, error), the engine stops
-            self.record_stats(request.stats)
+            record_stats(scope, request.stats)
 
-    def record_stats(self, stats: GenerationStats) -> None:
-        """Output size and speed as prediction metrics (names as Replicate's language models use)."""
-        self.record_metric("output_token_count", stats.output_tokens)
-        if stats.time_to_first_token_s > 0:
-            self.record_metric("time_to_first_token", stats.time_to_first_token_s)
-        if stats.tokens_per_second > 0:  # needs two tokens
-            self.record_metric("tokens_per_second", stats.tokens_per_second)
+
+def record_stats(scope, stats: GenerationStats) -> None:
+    """Output size and speed as prediction metrics (names as Replicate's language models use)."""
+    scope.record_metric("output_token_count", stats.output_tokens)
+    if stats.time_to_first_token_s > 0:
+        scope.record_metric("time_to_first_token", stats.time_to_first_token_s)
+    if stats.tokens_per_second > 0:  # needs two tokens
+        scope.record_metric("tokens_per_second", stats.tokens_per_second)
+
+
+def batch_slots() -> int | None:
+    raw = os.environ.get(BATCH_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or not 1 <= int(raw) <= 64:
+        raise RuntimeError(f"{BATCH_ENV}={raw!r} is not supported: use an integer from 1 to 64, or leave it unset")
+    return int(raw)
+
+
+def stream_interval() -> float:
+    raw = os.environ.get(INTERVAL_ENV, "").strip() or "30"
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 10_000:
+        raise RuntimeError(f"{INTERVAL_ENV}={raw!r} is not supported: use milliseconds from 0 to 10000")
+    return value / 1000
+
+
+def concurrency_summary(engine_slots: int) -> str:
+    """What a client meets at capacity, for the setup log."""
+    raw = os.environ.get("COG_MAX_CONCURRENCY", "").strip()
+    slots = f"coglet accepts {raw} predictions at once (COG_MAX_CONCURRENCY)" if raw else \
+        "coglet's prediction slots come from cog.yaml's concurrency.max (COG_MAX_CONCURRENCY overrides it)"
+    return (f"setup: {engine_slots} predictions decode together ({BATCH_ENV}); {slots}; predictions beyond the "
+            "engine's batch wait in its queue, those beyond coglet's slots get HTTP 409")
 
 
 def checked_inputs(method: Callable, values: dict) -> dict:

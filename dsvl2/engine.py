@@ -1,16 +1,15 @@
-"""The generation engine: validate on the CPU, prefill, then a fixed-shape decode loop that streams text.
+"""Start-up and the request API of the generation engine.
 
-Design (after gpt-fast): a static KV cache with a batch dimension, positions held in a device
-tensor, and one decode step of fixed shape (model step + sampling + bookkeeping) captured in a
-CUDA graph on the GPU. The host never waits for the step it has just launched: it launches step
-n+1 and only then reads token n (copied asynchronously to pinned memory), so the GPU always has
-the next step queued. Batch 1 is what runs now; the cache, positions and sampler rows already
-carry per-request state so several requests can share a step later.
+``Engine.from_pretrained`` loads a checkpoint (on the GPU streaming the weights in while ``warmup`` compiles and
+captures the graphs); ``prepare`` checks a request on the CPU, before any GPU work; ``stream`` hands it to the
+scheduler (``dsvl2.scheduler``: continuous batching on one thread that owns the GPU) and yields its text. The
+model's computations and static buffers are the runner's (``dsvl2.runner``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import secrets
 import sys
 import threading
 import time
@@ -30,26 +29,11 @@ from .loader import allocate_model, load_into, load_model, shard_files
 from .model import DeepseekVL2
 from .moe import MoE
 from .processor import TILE, Encoded, Processor
-from .sampling import (
-    RequestRng,
-    SamplingParams,
-    argmax_rows,
-    draw_noise,
-    sample,
-    sample_top_candidates,
-    seen_from_prompt,
-    update_seen,
-    validate_params,
-)
+from .runner import PREFILL_BUCKET, Runner
+from .sampling import SamplingParams, validate_params
+from .scheduler import GenerationStats, Scheduler, Stream
 
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    time_to_first_token_s: float = 0.0
-    tokens_per_second: float = 0.0
-    finish_reason: str = ""  # "stop" (eos), "length", "cancelled"
+__all__ = ["Engine", "GenerationStats", "Request", "set_moe_impl"]
 
 
 @dataclass
@@ -62,57 +46,65 @@ class Request:
     stats: GenerationStats = field(default_factory=GenerationStats)
 
 
-TOP_CANDIDATES = 64
-PREFILL_BUCKET = 64  # prompts are padded to a multiple of this for the captured prefills
-MAX_GRAPHED_TILES = 32  # more tiles than this (many images) run the vision tower without a graph
 PRECOMPILE_TIMEOUT_S = 300  # the warm-up waits at most this long for the Triton kernels compiled ahead
+SLOT_CEILING = 64  # the largest batch the decode graphs and kernels are built for
+ACTIVATION_RESERVE = 4 << 30  # GPU memory kept free beside the caches: prefill activations, graphs, the allocator's
 
 
-def sampler_mode(params: SamplingParams) -> str:
-    if params.temperature <= 0:
-        return "greedy"
-    return "top" if 0 < params.top_k <= TOP_CANDIDATES else "full"
+def fitting_slots(cfg: ModelConfig, dtype: torch.dtype, free_bytes: int) -> int:
+    """How many requests' full-context latent caches fit in ``free_bytes`` beside the activation reserve (plus the
+    prefill's scratch row)."""
+    c = cfg.language
+    per_slot = c.num_hidden_layers * c.max_position_embeddings * (c.kv_lora_rank + c.qk_rope_head_dim)
+    per_slot *= torch.empty(0, dtype=dtype).element_size()
+    return max(0, (free_bytes - ACTIVATION_RESERVE) // per_slot - 1)
 
 
 class Engine:
+    """Start-up (load, compile, warm-up) and the request API: ``prepare`` checks a request on the CPU, ``stream``
+    hands it to the scheduler and yields its text. ``slots``: requests decoded together (default: as many
+    full-context caches as fit in the GPU memory left after the weights, at most 64; 1 on the CPU)."""
+
     def __init__(self, model: DeepseekVL2, processor: Processor, log: Callable[[str], None] = print,
-                 cuda_graphs: bool | None = None, compile: bool | None = None, max_batch: int = 1) -> None:
+                 cuda_graphs: bool | None = None, compile: bool | None = None, slots: int | None = None,
+                 stream_interval: float = 0.03) -> None:
         self.model = model
         self.processor = processor
         self.log = log
         self.device = model.device
         self.context = model.cfg.language.max_position_embeddings
-        self.vocab = model.cfg.language.vocab_size
         self.eos_id = processor.eos_id
-        self.use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.use_compile = self.device.type == "cuda" if compile is None else compile
-        self.cache = model.language.new_cache(max_batch)  # [layers, B, S, 576]
-        b, dev = max_batch, self.device
-        # The decode step's static inputs and per-row sampling state.
-        self.tokens = torch.zeros(b, dtype=torch.int64, device=dev)
-        self.pos = torch.zeros(b, dtype=torch.int64, device=dev)
-        self.seen = torch.zeros(b, self.vocab, dtype=torch.bool, device=dev)
-        self.noise = torch.ones(b, self.vocab, dtype=torch.float32, device=dev)
-        self.temperature = torch.zeros(b, device=dev)
-        self.top_p = torch.ones(b, device=dev)
-        self.top_k = torch.zeros(b, dtype=torch.int64, device=dev)
-        self.penalty = torch.ones(b, device=dev)
-        # One captured step per sampler mode: "greedy" (argmax only), "top" (top-k <= TOP_CANDIDATES:
-        # sort that many candidates) and "full" (sort the whole vocabulary).
-        self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
+        self.stream_interval = stream_interval
+        self.slots = self._choose_slots(slots)
+        self.runner = Runner(model, self.slots, log, cuda_graphs)
+        drop = {processor.bos_id, self.eos_id, processor.pad_id}
+        self.scheduler = Scheduler(self.runner, lambda: StreamDecoder(processor.tokenizer, drop), self.eos_id, log,
+                                   recover=lambda: self._drop_compiled(("forward",)))
         self._loader: threading.Thread | None = None  # a background load still filling the weights
         self._load_error: BaseException | None = None
         self._warming = False  # warm-up requests may run on weights still being loaded
-        # Captured prefills by (padded length, row): (graph, static input, last position, logits), or False.
-        self.prefill_graphs: dict[tuple[int, int], tuple | bool] = {}
-        # Captured vision tower + projector by tile count: (graph, static pixels, projected tiles), or False.
-        self.vision_graphs: dict[int, tuple | bool] = {}
-        self.graph_prefill = True  # replay captured graphs for the prefill (vision and language model)
-        self._prefill_pool = None
-        self._vision_pool = None
-        self._prefill_buffer: torch.Tensor | None = None  # see _prefill_input
         # Where warm-up looks for a compile bundle of this GPU and software (dsvl2.compile_bundle), in order.
         self.bundle_dirs: list[Path] = [compile_bundle.SHIPPED]
+
+    def _choose_slots(self, slots: int | None) -> int:
+        if slots is not None:
+            if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= SLOT_CEILING:
+                raise ValueError(f"slots must be an integer from 1 to {SLOT_CEILING}, got {slots!r}")
+            return slots
+        if self.device.type != "cuda":
+            return 1
+        free, total = torch.cuda.mem_get_info(self.device)
+        fit = fitting_slots(self.model.cfg, self.model.dtype, free)
+        if fit < 1:
+            raise RuntimeError(
+                f"the GPU has {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB after the weights: not enough "
+                f"for one request's {self.context}-token cache beside the {ACTIVATION_RESERVE / 2**30:.0f} GiB "
+                "kept for activations; use a GPU with more memory")
+        chosen = min(fit, SLOT_CEILING)
+        self.log(f"{chosen} batch slots: {free / 2**30:.1f} GiB free after the weights holds {fit} full-context "
+                 f"caches (at most {SLOT_CEILING})")
+        return chosen
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
@@ -179,177 +171,34 @@ class Engine:
         n = len(encoded.input_ids)
         if n >= self.context:
             raise PromptTooLong(
-                f"PromptTooLong: the prompt is {n} tokens (text plus {sum(encoded.num_image_tokens)} image tokens) "
+                f"the prompt is {n} tokens (text plus {sum(encoded.num_image_tokens)} image tokens) "
                 f"but the model's context is {self.context} tokens, and at least one must be left for the answer; "
                 "use fewer or smaller images or a shorter prompt")
         if n + max_new_tokens > self.context:
             cut = self.context - n
             self.log(f"max_new_tokens {max_new_tokens} cut to {cut}: prompt {n} + answer must fit in {self.context}")
             max_new_tokens = cut
-        rng_seed = RequestRng(params.seed, "cpu").seed  # draws a seed when none is given, so it can be logged
-        return Request(encoded, params, max_new_tokens, seed=rng_seed,
+        seed = secrets.randbits(63) if params.seed is None else params.seed  # drawn here so that it can be logged
+        return Request(encoded, params, max_new_tokens, seed=seed,
                        stats=GenerationStats(prompt_tokens=n))
 
     # ---- generation ----
-    @torch.inference_mode()
     def stream(self, req: Request, cancel: threading.Event | None = None) -> Iterator[str]:
-        """Yield text chunks as tokens arrive; stops at eos, at max_new_tokens or when cancel is set."""
+        """Yield text chunks as tokens arrive (the first at once, then at most one per ``stream_interval``); stops
+        at eos, at max_new_tokens, when ``cancel`` is set or when the caller stops reading. The request runs in
+        the scheduler's batch beside any others; its ``stats`` are its own."""
         if not self._warming:
             self.wait_loaded()
-        t0 = time.perf_counter()
-        enc, p, row = req.encoded, req.params, 0
-        rng = RequestRng(req.seed, self.device)
-        sampling = p.temperature > 0
-        mode = sampler_mode(p)
-        self.temperature[row], self.top_p[row], self.top_k[row], self.penalty[row] = (
-            p.temperature, p.top_p, p.top_k, p.repetition_penalty)
-        self.seen[row] = seen_from_prompt(enc.input_ids.to(self.device), self.vocab)
-
+        cancel = cancel or threading.Event()
+        active = self.scheduler.submit(req, cancel)
         try:
-            logits = self._prefill(enc, row)
-        except Exception as e:
-            # A recompilation for a new shape that fails must cost one slow request, not the service.
-            if not self._drop_compiled(("forward",)):
-                raise
-            self.log(f"compiled prefill failed ({type(e).__name__}: {e}); continuing with the eager prefill")
-            logits = self._prefill(enc, row)
-        if sampling:
-            draw_noise([rng], self.vocab, self.device, out=self.noise[row:row + 1])
-        first = sample(logits, self.seen[row:row + 1], self.temperature[row:row + 1], self.top_p[row:row + 1],
-                       self.top_k[row:row + 1], self.penalty[row:row + 1], self.noise[row:row + 1])
-        update_seen(self.seen[row:row + 1], first)
-        self.tokens[row] = first[0]
-        self.pos[row] = len(enc.input_ids)
+            yield from Stream(active, self.stream_interval)
+        finally:
+            cancel.set()  # the reader is gone: the scheduler drops the request within a step
 
-        decoder = StreamDecoder(self.processor.tokenizer, {self.processor.bos_id, self.eos_id, self.processor.pad_id})
-        host = torch.empty(2, dtype=torch.int64, pin_memory=self.device.type == "cuda")
-        events = [self._copy_token(host, 0, row)]
-        t_first = t_last = None
-        finish = "length"
-        for i in range(req.max_new_tokens):
-            # Queue the next step before reading this token, so the GPU never idles on the host.
-            if i + 1 < req.max_new_tokens:
-                if sampling:
-                    rng.fill(self.noise[row])
-                self._step(mode)
-                events.append(self._copy_token(host, (i + 1) % 2, row))
-            if events[i] is not None:
-                events[i].synchronize()
-            token = int(host[i % 2])
-            t_last = time.perf_counter()
-            if t_first is None:
-                t_first = t_last
-                req.stats.time_to_first_token_s = t_first - t0
-            if token == self.eos_id:
-                finish = "stop"
-                break
-            req.output_ids.append(token)
-            n = req.stats.output_tokens = len(req.output_ids)
-            if n > 1 and t_last > t_first:  # kept current, so a cancelled request has it too
-                req.stats.tokens_per_second = (n - 1) / (t_last - t_first)
-            text = decoder.push(token)
-            if text:
-                yield text
-            if cancel is not None and cancel.is_set():
-                finish = "cancelled"
-                break
-        tail = decoder.flush()
-        if tail:
-            yield tail
-        if self.device.type == "cuda":
-            torch.cuda.current_stream().synchronize()  # let a queued speculative step finish
-        req.stats.finish_reason = finish
-
-    def _replay_prefill(self) -> bool:
-        """Whether the prefill replays captured graphs (not while warm-up builds the compiled code)."""
-        return self.use_graphs and self.graph_prefill and not self._warming
-
-    def _prefill(self, enc: Encoded, row: int) -> torch.Tensor:
-        """Embed the prompt (images included) and fill the cache row; -> last-position logits [1, V]."""
-        embeds = self.model.embed(enc.input_ids, enc.image_mask, enc.pixel_values, enc.spatial_crops,
-                                  encode=self._encode_tiles)
-        if self._replay_prefill():
-            logits = self._graphed_prefill(embeds, row)
-            if logits is not None:
-                return logits
-        hidden = self.model.language.prefill(embeds[None], self.cache[:, row:row + 1])
-        return self.model.language.logits(hidden[:, -1])
-
-    def _padded_prefill(self, x: torch.Tensor, last: torch.Tensor, row: int) -> torch.Tensor:
-        """The language model's prefill of a prompt padded at the end: x [1, S, D] (prompt, then zeros), last [1]
-        the prompt's last position -> logits there [1, V]. The padding cannot reach the prompt (causal attention,
-        experts per token) and only fills cache slots that decode overwrites before it reads them."""
-        hidden = self.model.language.prefill(x, self.cache[:, row:row + 1])
-        return self.model.language.logits(hidden.index_select(1, last)[:, 0])
-
-    def _graphed_prefill(self, embeds: torch.Tensor, row: int) -> torch.Tensor | None:
-        """Replay the captured prefill for this prompt's length bucket (captured on first use); None if that
-        bucket could not be captured. Launching the prefill's kernels from Python costs 5-50 ms depending on
-        the host; a replay costs none of it."""
-        t = embeds.shape[0]
-        size = min(-(-t // PREFILL_BUCKET) * PREFILL_BUCKET, self.context)
-        entry = self.prefill_graphs.get((size, row))
-        if entry is None:
-            entry = self.prefill_graphs[(size, row)] = self._capture_prefill(size, row)
-        if not entry:
-            return None
-        graph, x, last, out = entry
-        x[0, :t].copy_(embeds)
-        x[0, t:].zero_()
-        last.fill_(t - 1)
-        graph.replay()
-        return out
-
-    def _prefill_input(self, size: int) -> torch.Tensor:
-        """The static input of the captured prefill for ``size`` positions: [1, size, D], a view of one buffer
-        of the whole context shared by every length bucket (one prefill runs at a time)."""
-        d = self.model.cfg.language.hidden_size
-        if self._prefill_buffer is None:
-            self._prefill_buffer = torch.zeros(self.context * d, dtype=self.model.dtype, device=self.device)
-        # Contiguous for every size (not a slice of [1, context, D], whose batch stride the compiled prefill
-        # would see as a new layout and recompile for: 4-6 s at the first short prompt).
-        return self._prefill_buffer[: size * d].view(1, size, d)
-
-    def _capture_prefill(self, size: int, row: int) -> tuple | bool:
-        x = self._prefill_input(size)
-        last = torch.zeros(1, dtype=torch.int64, device=self.device)
-        return self._try_capture(lambda: self._padded_prefill(x, last, row), (x, last), "_prefill_pool",
-                                 f"the prefill for {size} positions", "prompts of that length")
-
-    def _encode_tiles(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The vision tower and projector over pixels [n, 3, 384, 384] (on the device, model dtype), replayed
-        from the graph captured for n tiles (on first use) -> projected tiles [n, s*s, D]. The output is the
-        graph's static tensor: the caller lays it out into new tensors before the next replay. Launching the
-        tower's 27 compiled blocks from Python costs more host time than their GPU work."""
-        n = pixels.shape[0]
-        if not self._replay_prefill() or n > MAX_GRAPHED_TILES:
-            return self.model.encode_tiles(pixels)
-        entry = self.vision_graphs.get(n)
-        if entry is None:
-            x = torch.zeros_like(pixels)
-            entry = self.vision_graphs[n] = self._try_capture(lambda: self.model.encode_tiles(x), (x,), "_vision_pool",
-                                                              f"the vision tower for {n} tiles",
-                                                              "images of that many tiles")
-        if not entry:
-            return self.model.encode_tiles(pixels)
-        graph, x, out = entry
-        x.copy_(pixels)
-        graph.replay()
-        return out
-
-    def _try_capture(self, fn: Callable[[], torch.Tensor], inputs: tuple[torch.Tensor, ...], pool: str, what: str,
-                     fallback: str) -> tuple | bool:
-        """Capture ``fn`` (which reads the static ``inputs``) into the memory pool named by the attribute ``pool``
-        (one pool per kind of graph: one graph of a kind runs at a time) -> (graph, *inputs, its output), or
-        False (logged) if the capture fails."""
-        try:
-            # The warm-up run builds the compiled code for these shapes before the capture.
-            graph, out = capture_graph(fn, getattr(self, pool), warmups=1)
-        except Exception as e:  # noqa: BLE001 - those shapes then run without a graph
-            self.log(f"capturing {what} failed ({type(e).__name__}: {e}); {fallback} run without a graph")
-            return False
-        setattr(self, pool, graph.pool())
-        return graph, *inputs, out
+    def generate(self, req: Request, cancel: threading.Event | None = None) -> str:
+        """The whole answer of ``req`` at once."""
+        return "".join(self.stream(req, cancel))
 
     def _drop_compiled(self, names: tuple[str, ...]) -> bool:
         """Remove the compiled wrappers of these methods (back to the plain ones); True if any existed.
@@ -359,35 +208,6 @@ class Engine:
             for name in names:
                 dropped |= module.__dict__.pop(name, None) is not None
         return dropped
-
-    def _copy_token(self, host: torch.Tensor, slot: int, row: int) -> torch.cuda.Event | None:
-        host[slot].copy_(self.tokens[row], non_blocking=True)
-        if self.device.type != "cuda":
-            return None
-        event = torch.cuda.Event()
-        event.record()
-        return event
-
-    def _step_eager(self, mode: str = "full") -> None:
-        """One decode step for every row: model, sampler, bookkeeping; no host synchronisation."""
-        logits = self.model.language.decode(self.tokens, self.pos, self.cache)
-        if mode == "greedy":
-            nxt = argmax_rows(logits)
-        elif mode == "top":
-            nxt = sample_top_candidates(logits, self.seen, self.temperature, self.top_p, self.top_k, self.penalty,
-                                        self.noise, TOP_CANDIDATES)
-        else:
-            nxt = sample(logits, self.seen, self.temperature, self.top_p, self.top_k, self.penalty, self.noise)
-        update_seen(self.seen, nxt)
-        self.tokens.copy_(nxt)
-        self.pos.add_(1)
-
-    def _step(self, mode: str) -> None:
-        graph = self.graphs.get(mode)
-        if graph is not None:
-            graph.replay()
-        else:
-            self._step_eager(mode)
 
     def compile(self) -> None:
         """Compile each decoder layer's decode step (regional compilation: one layer's code serves all
@@ -404,27 +224,19 @@ class Engine:
             block.forward = torch.compile(block.forward, dynamic=True)
 
     def capture(self) -> None:
-        """Capture the decode step of each sampler mode in a CUDA graph (after warm-up runs on a side
-        stream; the three share one memory pool: only one of them runs at a time), then the vision tower's graph
-        for each single-image tile count."""
-        if not self.use_graphs:
+        """Capture the decode step of every sampler mode and batch bucket, then the vision tower for each
+        single-image tile count (other counts, several images, are captured on first use)."""
+        if not self.runner.use_graphs:
             return
         t0 = time.perf_counter()
-        saved = [t.clone() for t in (self.tokens, self.pos, self.seen)]
-        pool = None
-        for mode in ("greedy", "top", "full"):
-            self.graphs[mode], _ = capture_graph(lambda m=mode: self._step_eager(m), pool, warmups=2)
-            pool = self.graphs[mode].pool()
-        for t, s in zip((self.tokens, self.pos, self.seen), saved, strict=True):
-            t.copy_(s)
-        # The vision tower for every tile count one image can have (global view + its grid); other counts
-        # (several images) are captured on first use.
+        self.runner.capture_decode()
         t1 = time.perf_counter()
         counts = sorted({1 + (w // TILE) * (h // TILE) for w, h in self.processor.config.candidate_resolutions})
-        for n in counts:
-            self._encode_tiles(torch.zeros(n, 3, TILE, TILE, dtype=self.model.dtype, device=self.device))
-        self.log(f"captured the decode step in {t1 - t0:.1f} s, the vision tower for {len(counts)} tile counts in "
-                 f"{time.perf_counter() - t1:.1f} s")
+        with torch.inference_mode():
+            for n in counts:
+                self.runner.encode_tiles(torch.zeros(n, 3, TILE, TILE, dtype=self.model.dtype, device=self.device))
+        self.log(f"captured the decode step for batches of {self.runner.buckets} in {t1 - t0:.1f} s, the vision "
+                 f"tower for {len(counts)} tile counts in {time.perf_counter() - t1:.1f} s")
 
     def warmup(self) -> None:
         """Compile (regional), run two warm-up requests (they build the compiled code) and capture the decode
@@ -483,9 +295,10 @@ class Engine:
 
         def run() -> None:
             with torch.inference_mode():
-                x = torch.zeros(self.pos.shape[0], 1, d, dtype=self.model.dtype, device=self.device)
-                cache = torch.zeros_like(self.cache[i])  # the real one's layout; the engine's state stays untouched
-                type(layer).decode(layer, x, lm.rope[self.pos][:, None], cache, self.pos)  # the class's: not compiled
+                pos = self.runner.pos[:1]
+                x = torch.zeros(1, 1, d, dtype=self.model.dtype, device=self.device)
+                cache = torch.zeros_like(self.runner.cache[i, :1])  # the real layout; the runner's state untouched
+                type(layer).decode(layer, x, lm.rope[pos][:, None], cache, pos)  # the class's: not compiled
                 layer.mlp(torch.zeros(1, PREFILL_BUCKET, d, dtype=self.model.dtype, device=self.device))
 
         try:
@@ -503,6 +316,7 @@ class Engine:
         # Two requests of different shapes, so that the compiled prefill settles on shape-generic code here
         # rather than recompiling on the first real request. No graphs yet: the steps run the compiled layers.
         self._warming = True
+        self.runner.replay_prefill = False  # the compiled code is built by plain calls, captured later
         try:
             for size in ((640, 480), (1000, 333)):
                 t0 = time.perf_counter()
@@ -513,6 +327,7 @@ class Engine:
                 self.log(f"warm-up request with a {size[0]}x{size[1]} image: {time.perf_counter() - t0:.1f} s")
         finally:
             self._warming = False
+            self.runner.replay_prefill = True
 
     def _or_eager(self, step: Callable[[], None]) -> None:
         """Run a warm-up step; if it fails with compiled code, drop the compiled code (and any graphs captured
@@ -525,25 +340,8 @@ class Engine:
             self.log(f"compiling the model failed ({type(e).__name__}: {e}); using the eager step and prefill "
                      "(correct, slower)")
             self._drop_compiled(("decode", "forward"))
-            self.graphs = {}
+            self.runner.drop_graphs()
             step()
-
-
-def capture_graph(fn: Callable[[], torch.Tensor | None], pool: tuple | None,
-                  warmups: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None]:
-    """Run ``fn`` ``warmups`` times on a side stream, then capture it into a CUDA graph (in ``pool`` if
-    given); -> (graph, what the captured call returned, which each replay refills)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.inference_mode(), torch.cuda.stream(stream):
-        for _ in range(warmups):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    # "thread_local": the background loader's copies on another thread may run during the capture.
-    with torch.inference_mode(), torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-        out = fn()
-    return graph, out
 
 
 def set_moe_impl(impl: str) -> None:

@@ -36,7 +36,7 @@ def _is_streaming(source: Path, class_name: str, method: str) -> bool:
     for node in ast.walk(ast.parse(source.read_text())):
         if isinstance(node, ast.ClassDef) and node.name == class_name:
             for item in node.body:
-                if isinstance(item, ast.FunctionDef) and item.name == method:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and item.name == method:
                     names = {d.attr if isinstance(d, ast.Attribute) else getattr(d, "id", None)
                              for d in item.decorator_list}
                     return "streaming" in names

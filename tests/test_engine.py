@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dsvl2.engine import Engine, sampler_mode
+from dsvl2.engine import Engine
+from dsvl2.runner import sampler_mode
 from dsvl2.errors import InputError, PromptTooLong
 from dsvl2.processor import image_token_count
 from dsvl2.sampling import SamplingParams
@@ -187,10 +188,10 @@ def test_padded_prefill_equals_the_prompt_alone(engine: Engine) -> None:
     enc = engine.prepare("<image>\nDescribe.", [_image()], GREEDY, 4).encoded
     with torch.inference_mode():
         embeds = engine.model.embed(enc.input_ids, enc.image_mask, enc.pixel_values, enc.spatial_crops)
-        ref = engine.model.language.logits(engine.model.language.prefill(embeds[None], engine.cache[:, :1])[:, -1])
+        ref = engine.model.language.logits(engine.model.language.prefill(embeds[None], engine.runner.cache[:, :1])[:, -1])
         t = embeds.shape[0]
         x = torch.cat([embeds, torch.zeros(37, embeds.shape[1])])[None]
-        got = engine._padded_prefill(x, torch.tensor([t - 1]), 0)
+        got = engine.runner._padded_prefill(x, torch.tensor([t - 1]))
     assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -201,36 +202,24 @@ def test_generation_through_the_bucketed_prefill_equals_the_plain_one(engine: En
     ref = engine.prepare("<image>\nDescribe.", [_image(500, 300)], GREEDY, 16)
     list(engine.stream(ref))
 
-    class Replay:
-        def __init__(self, size: int, row: int) -> None:
-            self.x = torch.zeros(1, size, engine.model.cfg.language.hidden_size)
-            self.last = torch.zeros(1, dtype=torch.int64)
-            self.out = torch.zeros(1, engine.vocab)
-            self.row = row
-
-        def replay(self) -> None:
-            self.out.copy_(engine._padded_prefill(self.x, self.last, self.row))
-
-    def capture(size: int, row: int) -> tuple:
-        r = Replay(size, row)
-        return r, r.x, r.last, r.out
-
-    monkeypatch.setattr(engine, "use_graphs", True)
-    monkeypatch.setattr(engine, "_capture_prefill", capture)
-    monkeypatch.setattr(engine, "prefill_graphs", {})
+    runner = engine.runner
+    monkeypatch.setattr("dsvl2.runner.capture_graph", _fake_capture)
+    monkeypatch.setattr(runner, "use_graphs", True)
+    monkeypatch.setattr(runner, "prefill_graphs", {})
+    monkeypatch.setattr(runner, "encode_tiles", runner.model.encode_tiles)  # vision eager
     got = engine.prepare("<image>\nDescribe.", [_image(500, 300)], GREEDY, 16)
     list(engine.stream(got))
-    (size, _), = engine.prefill_graphs
+    size, = runner.prefill_graphs
     assert size % 64 == 0 and size > ref.stats.prompt_tokens  # really padded
     assert got.output_ids == ref.output_ids and len(got.output_ids) == 16
 
 
 def test_prefill_buckets_share_one_static_input(engine: Engine) -> None:
     # Each captured prefill's static input is a view of one context-long buffer, not an allocation per bucket.
-    small, large = engine._prefill_input(64), engine._prefill_input(192)
+    small, large = engine.runner._prefill_input(64), engine.runner._prefill_input(192)
     assert small.shape == (1, 64, engine.model.cfg.language.hidden_size) and large.shape[1] == 192
-    assert small.data_ptr() == large.data_ptr() == engine._prefill_buffer.data_ptr()
-    assert engine._prefill_buffer.numel() == engine.context * engine.model.cfg.language.hidden_size
+    assert small.data_ptr() == large.data_ptr() == engine.runner._prefill_buffer.data_ptr()
+    assert engine.runner._prefill_buffer.numel() == engine.context * engine.model.cfg.language.hidden_size
     # Each view is laid out as a fresh [1, size, D] tensor (the compiled prefill guards on the batch stride: a
     # slice of a [1, context, D] buffer recompiled it at the first short prompt).
     assert small.is_contiguous() and large.is_contiguous() and small.stride(0) == small[0].numel()
@@ -267,17 +256,17 @@ def test_vision_graphs_replay_each_tile_count_with_the_new_pixels(engine: Engine
         req = engine.prepare("<image>\nDescribe.", [image], GREEDY, 8)
         list(engine.stream(req))
         expected.append((req.output_ids, req.encoded.pixel_values.shape[0]))
-    monkeypatch.setattr("dsvl2.engine.capture_graph", _fake_capture)
-    monkeypatch.setattr(engine, "use_graphs", True)
-    monkeypatch.setattr(engine, "_capture_prefill", lambda size, row: False)  # language model eager
-    monkeypatch.setattr(engine, "vision_graphs", {})
+    monkeypatch.setattr("dsvl2.runner.capture_graph", _fake_capture)
+    monkeypatch.setattr(engine.runner, "use_graphs", True)
+    monkeypatch.setattr(engine.runner, "_graphed_prefill", lambda embeds: None)  # language model eager
+    monkeypatch.setattr(engine.runner, "vision_graphs", {})
     for image, (ids, tiles) in zip(images, expected, strict=True):
         req = engine.prepare("<image>\nDescribe.", [image], GREEDY, 8)
         list(engine.stream(req))
-        assert req.output_ids == ids and tiles in engine.vision_graphs
+        assert req.output_ids == ids and tiles in engine.runner.vision_graphs
     assert expected[0][1] == expected[1][1] != expected[2][1]  # the premise: two counts, one shared
     assert expected[0][0] != expected[1][0]  # the second image really changed the answer
-    assert set(engine.vision_graphs) == {expected[0][1], expected[2][1]}
+    assert set(engine.runner.vision_graphs) == {expected[0][1], expected[2][1]}
 
 
 def test_a_failed_vision_capture_falls_back_to_the_plain_tower(engine: Engine,
@@ -288,30 +277,32 @@ def test_a_failed_vision_capture_falls_back_to_the_plain_tower(engine: Engine,
     def failing(fn, pool, warmups):
         raise RuntimeError("simulated capture failure")
 
-    monkeypatch.setattr("dsvl2.engine.capture_graph", failing)
-    monkeypatch.setattr(engine, "use_graphs", True)
-    monkeypatch.setattr(engine, "_capture_prefill", lambda size, row: False)
-    monkeypatch.setattr(engine, "vision_graphs", {})
+    monkeypatch.setattr("dsvl2.runner.capture_graph", failing)
+    monkeypatch.setattr(engine.runner, "use_graphs", True)
+    monkeypatch.setattr(engine.runner, "_graphed_prefill", lambda embeds: None)
+    monkeypatch.setattr(engine.runner, "vision_graphs", {})
+    monkeypatch.setattr(engine.runner, "fallbacks", type(engine.runner.fallbacks)())
     engine.logs.clear()
     got = engine.prepare("<image>\nDescribe.", [_image()], GREEDY, 8)
     list(engine.stream(got))
     assert got.output_ids == req.output_ids
-    assert engine.vision_graphs == {req.encoded.pixel_values.shape[0]: False}
+    assert engine.runner.vision_graphs == {req.encoded.pixel_values.shape[0]: False}
+    assert engine.runner.fallbacks.vision == 1
     assert any("capturing the vision tower for" in line and "simulated capture failure" in line
                for line in engine.logs)
 
 
 def test_capture_prepares_the_vision_graph_of_every_single_image_tile_count(engine: Engine,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("dsvl2.engine.capture_graph", _fake_capture)
-    monkeypatch.setattr(engine, "use_graphs", True)
-    monkeypatch.setattr(engine, "graphs", {})
-    monkeypatch.setattr(engine, "vision_graphs", {})
+    monkeypatch.setattr("dsvl2.runner.capture_graph", _fake_capture)
+    monkeypatch.setattr(engine.runner, "use_graphs", True)
+    monkeypatch.setattr(engine.runner, "decode_graphs", {})
+    monkeypatch.setattr(engine.runner, "vision_graphs", {})
     engine.capture()
     # Closed form: a w x h candidate resolution gives the global view plus (w/384)*(h/384) local tiles.
     counts = {1 + (w // 384) * (h // 384) for w, h in engine.processor.config.candidate_resolutions}
-    assert set(engine.vision_graphs) == counts
-    assert set(engine.graphs) == {"greedy", "top", "full"}
+    assert set(engine.runner.vision_graphs) == counts
+    assert set(engine.runner.decode_graphs) == {(m, b) for m in ("greedy", "top", "full") for b in engine.runner.buckets}
 
 
 def test_kernel_precompile_leaves_the_engine_as_it_was(engine: Engine) -> None:
@@ -321,11 +312,11 @@ def test_kernel_precompile_leaves_the_engine_as_it_was(engine: Engine) -> None:
     req = engine.prepare("<image>\nDescribe this image.", [Image.new("RGB", (64, 48), (9, 90, 200))],
                          SamplingParams(temperature=0.0), 6)
     list(engine.stream(req))
-    engine.cache.normal_()  # any write would show (rows past the answer are rewritten before they are read)
-    cache, pos = engine.cache.clone(), engine.pos.clone()
+    engine.runner.cache.normal_()  # any write would show (rows past the answer are rewritten before they are read)
+    cache, pos = engine.runner.cache.clone(), engine.runner.pos.clone()
     engine.logs.clear()
     engine._precompile_kernels()
-    assert torch.equal(engine.cache, cache) and torch.equal(engine.pos, pos)
+    assert torch.equal(engine.runner.cache, cache) and torch.equal(engine.runner.pos, pos)
     assert len(engine.logs) == 1 and engine.logs[0].startswith("compiled 0 Triton kernels"), engine.logs
     again = engine.prepare("<image>\nDescribe this image.", [Image.new("RGB", (64, 48), (9, 90, 200))],
                            SamplingParams(temperature=0.0), 6)

@@ -1,5 +1,6 @@
 """The Cog adapter called from Python (no server): setup, input checks, metrics and the schema."""
 
+import asyncio
 import importlib.util
 import json
 import os
@@ -15,6 +16,11 @@ from dsvl2.errors import CheckpointError, InputError
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORT = {"max_length_tokens": 4, "temperature": 0}
+
+
+def call(runner: predict.Runner, **inputs):
+    """``run`` as coglet calls it: awaited, then the generator it returns iterated (here on this thread)."""
+    return asyncio.run(runner.run(**inputs))
 
 
 def load_make_schema():
@@ -43,19 +49,19 @@ def runner(tiny_checkpoint: Path) -> predict.Runner:
 
 def test_python_call_applies_input_defaults(runner: predict.Runner, image_path: Path) -> None:
     """Arguments left out arrive as the Input() objects themselves; run() must use their defaults."""
-    out = "".join(runner.run(image=image_path, prompt="Describe this image.", max_length_tokens=3))
+    out = "".join(call(runner, image=image_path, prompt="Describe this image.", max_length_tokens=3))
     assert isinstance(out, str)
 
 
 def test_python_call_is_deterministic_when_greedy(runner: predict.Runner, image_path: Path) -> None:
-    first = "".join(runner.run(image=image_path, prompt="Describe this image.", **SHORT))
-    assert first == "".join(runner.run(image=str(image_path), prompt="Describe this image.", **SHORT))
+    first = "".join(call(runner, image=image_path, prompt="Describe this image.", **SHORT))
+    assert first == "".join(call(runner, image=str(image_path), prompt="Describe this image.", **SHORT))
 
 
 def test_same_seed_same_sample(runner: predict.Runner, image_path: Path) -> None:
     sample = dict(image=image_path, prompt="Describe this image.", max_length_tokens=6, temperature=1.0,
                   seed=7)
-    assert "".join(runner.run(**sample)) == "".join(runner.run(**sample))
+    assert "".join(call(runner, **sample)) == "".join(call(runner, **sample))
 
 
 @pytest.mark.parametrize(
@@ -88,22 +94,22 @@ def test_python_call_refuses_bad_input(
 ) -> None:
     inputs = {"image": image_path, "prompt": "Describe this image.", **SHORT, field: value}
     with pytest.raises(InputError, match=message):
-        list(runner.run(**inputs))
+        list(call(runner, **inputs))
 
 
 def test_bad_image_is_an_input_error(runner: predict.Runner, tmp_path: Path) -> None:
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
     with pytest.raises(InputError, match="empty"):
-        list(runner.run(image=empty, prompt="Describe this image.", **SHORT))
+        list(call(runner, image=empty, prompt="Describe this image.", **SHORT))
 
 
 def test_closing_the_stream_stops_generation(runner: predict.Runner, image_path: Path) -> None:
     """What coglet does on cancel: an exception inside the generator. The next call still works."""
-    stream = runner.run(image=image_path, prompt="Tell a long story.", max_length_tokens=4096, temperature=0)
+    stream = call(runner, image=image_path, prompt="Tell a long story.", max_length_tokens=4096, temperature=0)
     next(stream)
     stream.close()
-    assert "".join(runner.run(image=image_path, prompt="Describe this image.", **SHORT)) is not None
+    assert "".join(call(runner, image=image_path, prompt="Describe this image.", **SHORT)) is not None
 
 
 def test_setup_without_gpu_says_what_to_do(monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Path) -> None:
