@@ -55,16 +55,16 @@ def plain_path(engine: Engine):
     compiled = {}
     for module in [*engine.model.language.model.layers, *engine.model.vision.blocks]:
         compiled[module] = {k: module.__dict__.pop(k) for k in ("decode", "forward") if k in module.__dict__}
-    graphs, engine.graphs = engine.graphs, {}
-    engine.graph_prefill = False
+    graphs, engine.runner.decode_graphs = engine.runner.decode_graphs, {}
+    engine.runner.replay_prefill = False
     saved_triton, kernels.triton = kernels.triton, None
     set_moe_impl("loop")
 
     def restore() -> None:
         set_moe_impl("grouped")
         kernels.triton = saved_triton
-        engine.graphs = graphs
-        engine.graph_prefill = True
+        engine.runner.decode_graphs = graphs
+        engine.runner.replay_prefill = True
         for module, attrs in compiled.items():
             module.__dict__.update(attrs)
 

@@ -217,7 +217,9 @@ class Engine:
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for layer in self.model.language.model.layers:
-            layer.decode = torch.compile(layer.decode, dynamic=False)
+            # Static shapes for one row; the second batch size seen (warm-up captures them all) compiles one graph
+            # with a symbolic batch that serves every larger bucket.
+            layer.decode = torch.compile(layer.decode, dynamic=None)
             # The prefill too, for any prompt length: one graph with a symbolic length.
             layer.forward = torch.compile(layer.forward, dynamic=True)
         for block in self.model.vision.blocks:
