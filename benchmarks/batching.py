@@ -101,7 +101,7 @@ def steady_state(engine: Engine, streams: int, window_s: float, images: list) ->
 
 
 def closed_loop_inproc(engine: Engine, clients: int, per_client: int, new_tokens: int, images: list) -> dict:
-    ttfts, tokens = [], []
+    ttfts, tokens, gaps = [], [], []
     lock = threading.Lock()
 
     def client(c: int) -> None:
@@ -111,6 +111,7 @@ def closed_loop_inproc(engine: Engine, clients: int, per_client: int, new_tokens
             with lock:
                 ttfts.append((k, req.stats.time_to_first_token_s))
                 tokens.append(req.stats.output_tokens)
+                gaps.append(req.stats.max_gap_s)
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     t0 = time.perf_counter()
@@ -119,7 +120,9 @@ def closed_loop_inproc(engine: Engine, clients: int, per_client: int, new_tokens
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    return summary(clients, wall, tokens, ttfts)
+    out = summary(clients, wall, tokens, ttfts)
+    out.update(longest_pause_ms_p50=round(1e3 * pct(gaps, 0.5), 1), longest_pause_ms_max=round(1e3 * max(gaps), 1))
+    return out
 
 
 def summary(clients: int, wall: float, tokens: list[int], ttfts: list[tuple[int, float]]) -> dict:
@@ -178,6 +181,20 @@ def inproc(args, res: dict) -> None:
     print(json.dumps(res), flush=True)
     res["invariance"] = invariance(engine, min(args.invariance, engine.slots), args.invariance_tokens, images)
     print(json.dumps(res), flush=True)
+    # The longest prefill a running stream can wait for (one runs between two decode steps): a prompt that fills
+    # the context (a 3x3-tiled image and text).
+    big = Image.radial_gradient("L").resize((1152, 1152)).convert("RGB")
+    words = "Describe every detail of the picture please. " * 200
+    n = len(words)
+    while engine.processor.encode("<image>\n" + words[:n], [big]).input_ids.numel() >= engine.context - 8:
+        n -= 100
+    long_prompt = "<image>\n" + words[:n]
+    longest = []
+    for _ in range(3):
+        r = engine.prepare(long_prompt, [big], GREEDY, 1)
+        engine.generate(r)
+        longest.append(r.stats.prefill_s)
+    res["longest_prefill"] = {"prompt_tokens": r.stats.prompt_tokens, "ms": round(1e3 * min(longest), 1)}
     res["closed_loop_inproc"] = [closed_loop_inproc(engine, c, args.per_client, args.new_tokens, images)
                                  for c in args.clients]
     if dev == "cuda":
@@ -208,11 +225,16 @@ def http(args, res: dict) -> None:
             time.sleep(0.1)
         res["server_start_to_ready_s"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(res), flush=True)
-        uris = []
+        files = {}
         for i in range(8):
             buf = io.BytesIO()
-            picture(i).save(buf, format="PNG")
-            uris.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+            picture(i).save(buf, format="JPEG", quality=90)
+            files[f"/{i}.jpg"] = buf.getvalue()
+        if args.files == "data":  # inline in the request
+            uris = ["data:image/jpeg;base64," + base64.b64encode(b).decode() for b in files.values()]
+        else:  # as on Replicate: a URL the server downloads (here from a file server in this process)
+            uris = [f"{serve_files(files)}{name}" for name in files]
+        res["image_bytes"] = [len(b) for b in files.values()]
         res["closed_loop_http"] = [closed_loop_http(url, c, args.per_client, args.new_tokens, uris)
                                    for c in args.clients]
     finally:
@@ -221,10 +243,31 @@ def http(args, res: dict) -> None:
         log.close()
 
 
+def serve_files(files: dict[str, bytes]) -> str:
+    """Serve ``files`` (path -> bytes) on 127.0.0.1 from a thread -> the base URL."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            body = files.get(self.path)
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
 def closed_loop_http(url: str, clients: int, per_client: int, new_tokens: int, uris: list[str]) -> dict:
     import requests
 
-    ttfts, tokens, events, errors = [], [], [0], []
+    ttfts, tokens, events, errors, server_ttfts = [], [], [0], [], []
     lock = threading.Lock()
 
     def client(c: int) -> None:
@@ -261,6 +304,7 @@ def closed_loop_http(url: str, clients: int, per_client: int, new_tokens: int, u
                     continue
                 ttfts.append((k, (first or time.perf_counter()) - sent))
                 tokens.append(final["metrics"]["output_token_count"])
+                server_ttfts.append(final["metrics"].get("time_to_first_token", 0.0))
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     t0 = time.perf_counter()
@@ -271,7 +315,8 @@ def closed_loop_http(url: str, clients: int, per_client: int, new_tokens: int, u
     wall = time.perf_counter() - t0
     out = summary(clients, wall, tokens, ttfts)
     out.update(sse_output_events=events[0], sse_events_s=round(events[0] / wall, 1), errors=errors[:3],
-               failed=len(errors))
+               failed=len(errors), server_ttft_p50_ms=round(1e3 * pct(server_ttfts, 0.5), 1),
+               server_ttft_p95_ms=round(1e3 * pct(server_ttfts, 0.95), 1))
     return out
 
 
@@ -291,6 +336,7 @@ def main() -> None:
     ap.add_argument("--window", type=float, default=2.0)
     ap.add_argument("--invariance", type=int, default=64)
     ap.add_argument("--invariance-tokens", type=int, default=128)
+    ap.add_argument("--files", choices=["url", "data"], default="url", help="http: how the images are sent")
     args = ap.parse_args()
     res: dict = {"mode": args.mode, "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
                  "python": platform.python_version(), "command": " ".join(sys.argv)}

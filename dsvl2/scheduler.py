@@ -41,9 +41,12 @@ class QueueFull(RuntimeError):
 class GenerationStats:
     prompt_tokens: int = 0
     output_tokens: int = 0
-    time_to_first_token_s: float = 0.0
+    time_to_first_token_s: float = 0.0  # from the hand-over to the scheduler: waiting for a row, prefill
     tokens_per_second: float = 0.0
     finish_reason: str = ""  # "stop" (eos), "length", "cancelled", "error"
+    queued_s: float = 0.0  # from the hand-over to the start of its prefill (other prefills, a free row)
+    prefill_s: float = 0.0
+    max_gap_s: float = 0.0  # the longest wait between two of its tokens (other requests' prefills included)
 
 
 @dataclass
@@ -58,6 +61,7 @@ class Active:
     rng: RequestRng | None = None
     submitted: float = field(default_factory=time.perf_counter)
     first_at: float = 0.0
+    last_at: float = 0.0
     done: bool = False
 
     def length(self, context: int) -> int:
@@ -156,6 +160,8 @@ class Scheduler:
 
     def _prefill(self, a: Active, row: int) -> None:
         req, runner = a.req, self.runner
+        start = time.perf_counter()
+        req.stats.queued_s = start - a.submitted
         enc = req.encoded
         runner.set_row(row, enc, req.params)
         if req.params.temperature > 0:
@@ -163,7 +169,9 @@ class Scheduler:
             a.rng.fill(runner.noise[row])
         logits = runner.prefill(enc, row)
         runner.first_token(logits, row, len(enc.input_ids))
-        self._deliver(a, int(runner.tokens[row]))
+        token = int(runner.tokens[row])
+        req.stats.prefill_s = time.perf_counter() - start
+        self._deliver(a, token)
 
     def _launch(self, host: torch.Tensor, slot: int) -> tuple:
         rows = list(self.rows)
@@ -195,6 +203,9 @@ class Scheduler:
         if not a.first_at:
             a.first_at = now
             stats.time_to_first_token_s = now - a.submitted
+        else:
+            stats.max_gap_s = max(stats.max_gap_s, now - a.last_at)
+        a.last_at = now
         if token == self.eos_id:
             self._finish(a, "stop")
             return

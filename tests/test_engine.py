@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from dsvl2.engine import Engine
-from dsvl2.runner import sampler_mode
 from dsvl2.errors import InputError, PromptTooLong
 from dsvl2.processor import image_token_count
+from dsvl2.runner import sampler_mode
 from dsvl2.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, top_p=1.0, top_k=50, repetition_penalty=1.0, seed=0)
@@ -188,7 +188,8 @@ def test_padded_prefill_equals_the_prompt_alone(engine: Engine) -> None:
     enc = engine.prepare("<image>\nDescribe.", [_image()], GREEDY, 4).encoded
     with torch.inference_mode():
         embeds = engine.model.embed(enc.input_ids, enc.image_mask, enc.pixel_values, enc.spatial_crops)
-        ref = engine.model.language.logits(engine.model.language.prefill(embeds[None], engine.runner.cache[:, :1])[:, -1])
+        lm = engine.model.language
+        ref = lm.logits(lm.prefill(embeds[None], engine.runner.cache[:, :1])[:, -1])
         t = embeds.shape[0]
         x = torch.cat([embeds, torch.zeros(37, embeds.shape[1])])[None]
         got = engine.runner._padded_prefill(x, torch.tensor([t - 1]))
@@ -302,7 +303,8 @@ def test_capture_prepares_the_vision_graph_of_every_single_image_tile_count(engi
     # Closed form: a w x h candidate resolution gives the global view plus (w/384)*(h/384) local tiles.
     counts = {1 + (w // 384) * (h // 384) for w, h in engine.processor.config.candidate_resolutions}
     assert set(engine.runner.vision_graphs) == counts
-    assert set(engine.runner.decode_graphs) == {(m, b) for m in ("greedy", "top", "full") for b in engine.runner.buckets}
+    modes = ("greedy", "top", "full")
+    assert set(engine.runner.decode_graphs) == {(m, b) for m in modes for b in engine.runner.buckets}
 
 
 def test_kernel_precompile_leaves_the_engine_as_it_was(engine: Engine) -> None:
