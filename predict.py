@@ -16,6 +16,10 @@ Environment:
                  milliseconds (default 30), whatever came meanwhile in one chunk.
   COG_MAX_CONCURRENCY  coglet's prediction slots (read by coglet when the server starts; cog.yaml's
                  `concurrency.max` in a built image): predictions beyond it get HTTP 409.
+  DSVL2_ALLOW_LOCAL_FILES  `1` lets HTTP clients name image files on the server's disk by path, for trusted
+                 local use only. Unset (or `0`), image inputs over HTTP must be http(s) URLs or data URIs (coglet
+                 downloads them); a path is refused with one message whatever is or is not there. Direct Python
+                 calls of `Runner.run` and the command line (`python -m dsvl2`) always read local paths.
 
 Concurrency: `run` is async and returns a plain generator, which coglet streams from a thread of its own per
 prediction; every prediction's generator reads its text from the engine's scheduler, which decodes all of them
@@ -43,6 +47,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path as LocalPath
 
+import coglet
 import torch
 from cog import BaseRunner, ConcatenateIterator, Input, Path, streaming
 from cog.input import FieldInfo
@@ -58,6 +63,8 @@ DEVICE_ENV = "DSVL2_DEVICE"
 CACHE_ENV = "DSVL2_COMPILE_CACHE"
 BATCH_ENV = "DSVL2_MAX_BATCH"
 INTERVAL_ENV = "DSVL2_STREAM_INTERVAL_MS"
+LOCAL_FILES_ENV = "DSVL2_ALLOW_LOCAL_FILES"
+MAX_PROMPT_CHARS = 100_000  # far beyond the 4096-token context; refused before it is tokenized
 DEFAULT_WEIGHTS = LocalPath(__file__).resolve().parent / "weights"
 REPO_ID = "deepseek-ai/deepseek-vl2-small"
 DTYPES = {"cuda": torch.bfloat16, "cpu": torch.float32}
@@ -114,6 +121,7 @@ class Runner(BaseRunner):
         os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
         device, dtype = resolve_device()
         log(f"setup: device {device}, dtype {str(dtype).removeprefix('torch.')}")
+        self.local_files = local_files_allowed(served=coglet.server.active)
         with timed("checkpoint"):
             checkpoint = resolve_checkpoint()
         try:
@@ -140,7 +148,8 @@ class Runner(BaseRunner):
         image: Path = Input(description="Input image", accept="image/*"),
         prompt: str = Input(
             description="Text prompt. Refer to the images with <image> tags, in order (image, image2, "
-            "...); without tags, the images come before the text."
+            "...); without tags, the images come before the text.",
+            max_length=MAX_PROMPT_CHARS,
         ),
         top_p: float = Input(
             description="Nucleus sampling: sample from the most probable tokens whose probabilities "
@@ -182,34 +191,40 @@ class Runner(BaseRunner):
         image4: Path | None = Input(description="Optional fourth image", default=None, accept="image/*"),
     ) -> ConcatenateIterator[str]:
         """Answer a prompt about one or more images, streaming the text as it is generated."""
-        args = checked_inputs(Runner.run, locals())  # first statement: locals() holds just the inputs
+        args = checked_inputs(Runner.run, locals(), self.local_files)  # first: locals() holds just the inputs
         scope = self.scope  # this prediction's: the generator runs on another thread, outside its context
+        started = time.perf_counter()
         request = await asyncio.to_thread(self.prepare, args)  # images and tokens, off the event loop
         scope.record_metric("input_token_count", request.stats.prompt_tokens)
-        return self.generate(request, scope)
+        return self.generate(request, scope, time.perf_counter() - started)
 
     def prepare(self, args: dict) -> Request:
-        paths = [args["image"], *(args[name] for name in EXTRA_IMAGES if args[name] is not None)]
-        images = [load_image(p) for p in paths]
+        # Named by field in errors: a downloaded file's path is the server's business.
+        images = [load_image(args[name], name) for name in ("image", *EXTRA_IMAGES) if args[name] is not None]
         if args["seed"] is None and args["temperature"] > 0:
             args["seed"] = secrets.randbelow(2**32)
             log(f"seed: {args['seed']}")
         params = SamplingParams(
             temperature=args["temperature"],
             top_p=args["top_p"],
-            top_k=args["top_k"],
+            top_k=min(args["top_k"], 2**63 - 1),  # any top_k past the vocabulary keeps every token; int64 fits
             repetition_penalty=args["repetition_penalty"],
             seed=args["seed"],
         )
         return self.engine.prepare(args["prompt"], images, params, args["max_length_tokens"])
 
-    def generate(self, request: Request, scope) -> Iterator[str]:
+    def generate(self, request: Request, scope, prepare_s: float) -> Iterator[str]:
         cancel = threading.Event()
         try:
             yield from self.engine.stream(request, cancel=cancel)
         finally:
             cancel.set()  # however this ends (done, cancelled, client gone, error), the engine stops
             record_stats(scope, request.stats)
+            s = request.stats
+            log(f"prediction: {s.prompt_tokens} prompt tokens (inputs {1e3 * prepare_s:.0f} ms, waited "
+                f"{1e3 * s.queued_s:.0f} ms to start, prefill {1e3 * s.prefill_s:.0f} ms), {s.output_tokens} tokens "
+                f"at {s.tokens_per_second:.1f}/s (longest pause {1e3 * s.max_gap_s:.0f} ms), "
+                f"{s.finish_reason or 'stopped'}")
 
 
 def record_stats(scope, stats: GenerationStats) -> None:
@@ -250,7 +265,17 @@ def concurrency_summary(engine_slots: int) -> str:
             "engine's batch wait in its queue, those beyond coglet's slots get HTTP 409")
 
 
-def checked_inputs(method: Callable, values: dict) -> dict:
+def local_files_allowed(served: bool) -> bool:
+    """Whether a file input may be a path on this machine: always for Python callers, over HTTP only by opt-in."""
+    raw = os.environ.get(LOCAL_FILES_ENV, "").strip()
+    if raw not in ("", "0", "1"):
+        raise RuntimeError(f"{LOCAL_FILES_ENV}={raw!r} is not supported: use 1 to allow local paths, or 0 / unset")
+    if served and raw == "1":
+        log(f"setup: {LOCAL_FILES_ENV}=1: HTTP clients may read any image file on this machine by its path")
+    return not served or raw == "1"
+
+
+def checked_inputs(method: Callable, values: dict, local_files: bool) -> dict:
     """Validate `values` against `method`'s annotations and Input() ranges; raise InputError.
 
     The HTTP server checks the same ranges against the OpenAPI schema, but a direct Python call
@@ -264,12 +289,17 @@ def checked_inputs(method: Callable, values: dict) -> dict:
         value = values[name]
         if isinstance(value, FieldInfo):
             value = value.default
-        checked[name] = check_value(name, param.annotation, info, value)
+        checked[name] = check_value(name, param.annotation, info, value, local_files)
     return checked
 
 
-def check_value(name: str, annotation: object, info: FieldInfo, value: object) -> object:
-    """One input checked against its annotation (T or T | None) and its Input() range."""
+def check_value(name: str, annotation: object, info: FieldInfo, value: object, local_files: bool) -> object:
+    """One input checked against its annotation (T or T | None) and its Input() range.
+
+    File inputs: coglet hands run() a URL or data URI as a `cog.Path` to the file it downloaded, and any
+    other string unchanged, as a `str` (tests/test_server.py checks both). A `str` is therefore a path on
+    this machine, read only where `local_files` allows it; the refusal says nothing about what is there.
+    """
     members = typing.get_args(annotation)
     optional = type(None) in members
     kind = next(m for m in members if m is not type(None)) if optional else annotation
@@ -278,18 +308,33 @@ def check_value(name: str, annotation: object, info: FieldInfo, value: object) -
             return None
         raise InputError(f"{name} is required")
     if kind is Path:
-        if not isinstance(value, (str, os.PathLike)):
+        if isinstance(value, os.PathLike):
+            return value
+        if not isinstance(value, str):
             raise InputError(f"{name} must be a file path, got {type(value).__name__}")
-        return value if isinstance(value, os.PathLike) else Path(value)
+        if not local_files:
+            raise InputError(f"{name} must be an http://, https:// or data: URI; paths of files on the server are "
+                             f"not accepted (a trusted local server allows them with {LOCAL_FILES_ENV}=1)")
+        return Path(value)
     if kind is str:
         if not isinstance(value, str):
             raise InputError(f"{name} must be a string, got {type(value).__name__}")
+        if info.max_length is not None and len(value) > info.max_length:
+            raise InputError(f"{name} is {len(value)} characters, over the limit of {info.max_length}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON cannot carry these (coglet answers 400); a Python caller can
+            raise InputError(f"{name} is not valid Unicode: a lone surrogate at character {e.start}") from None
         return value
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON Schema's "integer" admits 16.0, and coglet passes it on as a float
     numeric = (int, float) if kind is float else (int,)
     if isinstance(value, bool) or not isinstance(value, numeric):
         raise InputError(f"{name} must be {'a number' if kind is float else 'an integer'}, got {value!r}")
     if not math.isfinite(value):
         raise InputError(f"{name} must be a finite number, got {value!r}")
+    if info.le is None and info.ge is not None and value < info.ge:
+        raise InputError(f"{name} must be at least {info.ge}, got {value!r}")
     if (info.ge is not None and value < info.ge) or (info.le is not None and value > info.le):
         raise InputError(f"{name} must be between {info.ge} and {info.le}, got {value!r}")
     return kind(value)

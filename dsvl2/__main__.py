@@ -36,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     try:
-        engine = Engine.from_pretrained(args.weights, args.device, dtype, log=log)
+        # The service's engine, warmed up as setup() does (on the GPU: compiled and captured, the weights
+        # streaming in meanwhile), so that the command line runs exactly what the server runs.
+        engine = Engine.from_pretrained(args.weights, args.device, dtype, log=log,
+                                        background_load=args.device == "cuda")
+        engine.warmup()
         images = [load_image(path) for path in args.image]
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                 repetition_penalty=args.repetition_penalty, seed=args.seed)

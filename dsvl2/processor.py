@@ -187,8 +187,9 @@ class Processor:
             text = f"{tag}\n" * len(images) + text
         elif n_tags != len(images):
             raise InputError(
-                f"the prompt has {n_tags} {tag} tags but {len(images)} images were given; "
-                f"use one tag per image, or no tags to put every image before the text"
+                f"the prompt has {n_tags} {tag} tag{'' if n_tags == 1 else 's'} but {len(images)} "
+                f"image{' was' if len(images) == 1 else 's were'} given; use one tag per image, or no tags to put "
+                "every image before the text"
             )
 
         tiled = len(images) <= MAX_TILED_IMAGES

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dsvl2 import images
 from dsvl2.errors import ImageError
 from dsvl2.images import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, check_size, load_image, to_rgb
 
@@ -74,8 +75,31 @@ def test_empty_input(tmp_path: Path) -> None:
         load_image(b"")
 
 
+def test_file_over_the_byte_limit_is_refused_before_parsing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = encoded(noise(64, 64), "PNG")
+    path = tmp_path / "big.png"
+    path.write_bytes(data)
+    monkeypatch.setattr(images, "MAX_IMAGE_BYTES", len(data) - 1)
+    monkeypatch.setattr(Image, "open", lambda *a, **k: pytest.fail("parsed a file over the limit"))
+    for source in (data, path):
+        with pytest.raises(ImageError, match=f"is {len(data)} bytes, over the limit of {len(data) - 1} bytes"):
+            load_image(source)
+
+
+def test_errors_call_the_image_by_the_given_name(tmp_path: Path) -> None:
+    path = tmp_path / "tmpabc.png"
+    path.write_bytes(b"")
+    with pytest.raises(ImageError, match="^image3 is empty") as refused:
+        load_image(path, "image3")
+    assert "tmpabc" not in str(refused.value)
+    with pytest.raises(ImageError, match=f"^image file '{path}' is empty"):
+        load_image(path)
+    with pytest.raises(ImageError, match="^image2 is 1x5000, an aspect ratio of 5000:1"):
+        load_image(encoded(Image.new("L", (1, 5000)), "PNG"), "image2")
+
+
 def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(ImageError, match="cannot read"):
+    with pytest.raises(ImageError, match="cannot be read"):
         load_image(tmp_path / "nope.png")
 
 

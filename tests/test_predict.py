@@ -74,16 +74,21 @@ def test_same_seed_same_sample(runner: predict.Runner, image_path: Path) -> None
         ("top_p", None, "top_p is required"),
         ("max_length_tokens", 0, "max_length_tokens must be between"),
         ("max_length_tokens", 5000, "max_length_tokens must be between"),
-        ("max_length_tokens", 8.0, "max_length_tokens must be an integer"),
+        ("max_length_tokens", 8.5, "max_length_tokens must be an integer"),
+        ("max_length_tokens", float("inf"), "max_length_tokens must be an integer"),
         ("max_length_tokens", True, "max_length_tokens must be an integer"),
         ("repetition_penalty", 0, "repetition_penalty must be between"),
         ("repetition_penalty", 3, "repetition_penalty must be between"),
-        ("top_k", -1, "top_k must be between"),
+        ("top_k", -1, "top_k must be at least 0"),
+        ("top_k", 2.5, "top_k must be an integer"),
         ("seed", -5, "seed must be between"),
         ("seed", 1.5, "seed must be an integer"),
         ("prompt", None, "prompt is required"),
         ("prompt", 42, "prompt must be a string"),
         ("prompt", "   ", "prompt"),
+        ("prompt", "x" * 100_001, "prompt is 100001 characters, over the limit of 100000"),
+        ("prompt", "caf\u00e9 \ud800", "prompt is not valid Unicode: a lone surrogate at character 5"),
+        ("prompt", "<image> and <image>", "2 <image> tags but 1 image was given"),
         ("image", None, "image is required"),
         ("image", 3, "image must be a file path"),
         ("image2", 3, "image2 must be a file path"),
@@ -95,6 +100,62 @@ def test_python_call_refuses_bad_input(
     inputs = {"image": image_path, "prompt": "Describe this image.", **SHORT, field: value}
     with pytest.raises(InputError, match=message):
         list(call(runner, **inputs))
+
+
+def test_whole_number_floats_are_integers(runner: predict.Runner, image_path: Path) -> None:
+    """JSON Schema's "integer" admits 16.0 and coglet passes it on as a float: the same value as 16 here too."""
+    sample = dict(image=image_path, prompt="Describe this image.", temperature=1.0)
+    as_ints = "".join(call(runner, **sample, max_length_tokens=5, seed=5, top_k=5))
+    assert "".join(call(runner, **sample, max_length_tokens=5.0, seed=5.0, top_k=5.0)) == as_ints
+
+
+def test_top_k_past_the_vocabulary_means_no_limit(runner: predict.Runner, image_path: Path) -> None:
+    """The schema puts no ceiling on top_k; one past int64 once failed inside the scheduler."""
+    sample = dict(image=image_path, prompt="Describe this image.", max_length_tokens=5, temperature=1.0, seed=3)
+    assert "".join(call(runner, **sample, top_k=10**30)) == "".join(call(runner, **sample, top_k=0))
+
+
+def test_local_paths_are_refused_alike_when_served(
+    runner: predict.Runner, image_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Set up as the HTTP server sets it up by default: whatever is (or is not) at the path, one answer, no path."""
+    monkeypatch.delenv(predict.LOCAL_FILES_ENV, raising=False)
+    monkeypatch.setattr(runner, "local_files", predict.local_files_allowed(served=True))
+    monkeypatch.chdir(image_path.parent)
+    (tmp_path / "text.png").write_text("not an image")
+    paths = [str(image_path), "picture.png", str(tmp_path / "text.png"), str(tmp_path / "missing.png"),
+             str(tmp_path), "/proc/self/environ", f"file://{image_path}", "", "HTTP://127.0.0.1/x.png"]
+    messages = set()
+    for field in ("image", "image2"):
+        for path in paths:
+            with pytest.raises(InputError) as refused:
+                list(call(runner, **{"image": image_path, "prompt": "Describe.", **SHORT, field: path}))
+            messages.add(str(refused.value).replace(field, "FIELD"))
+    (message,) = messages
+    assert message.startswith("FIELD must be an http://, https:// or data: URI")
+    assert "DSVL2_ALLOW_LOCAL_FILES=1" in message
+    # What coglet makes of a URL or data URI, a path object to the file it downloaded, is read.
+    assert "".join(call(runner, image=image_path, prompt="Describe.", **SHORT))
+
+
+def test_local_files_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(predict.LOCAL_FILES_ENV, raising=False)
+    assert predict.local_files_allowed(served=False) and not predict.local_files_allowed(served=True)
+    monkeypatch.setenv(predict.LOCAL_FILES_ENV, "0")
+    assert not predict.local_files_allowed(served=True)
+    monkeypatch.setenv(predict.LOCAL_FILES_ENV, "1")
+    assert predict.local_files_allowed(served=True)
+    monkeypatch.setenv(predict.LOCAL_FILES_ENV, "yes")
+    with pytest.raises(RuntimeError, match="DSVL2_ALLOW_LOCAL_FILES='yes' is not supported"):
+        predict.local_files_allowed(served=True)
+
+
+def test_image_errors_name_the_field_not_the_file(runner: predict.Runner, image_path: Path, tmp_path: Path) -> None:
+    notes = tmp_path / "tmpdownload.png"
+    notes.write_text("plain text")
+    with pytest.raises(InputError, match="^image2 is not a recognised image") as refused:
+        list(call(runner, image=image_path, image2=notes, prompt="Compare.", **SHORT))
+    assert str(tmp_path) not in str(refused.value) and "tmpdownload" not in str(refused.value)
 
 
 def test_bad_image_is_an_input_error(runner: predict.Runner, tmp_path: Path) -> None:

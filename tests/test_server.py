@@ -26,9 +26,12 @@ import pytest
 import requests
 from PIL import Image
 
+from dsvl2.images import MAX_IMAGE_BYTES
+
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 180
 SHORT = {"max_length_tokens": 6, "temperature": 0}  # greedy: the same text every time
+GOLDEN_IMAGE = Path("tests") / "fixtures" / "golden" / "images" / "tiny_20x15.png"  # relative to the server's cwd
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,6 +256,53 @@ def webhooks():
     hooks.httpd.shutdown()
 
 
+class Files:
+    """Image URLs on this machine for the server to download (coglet fetches http(s) URLs itself)."""
+
+    def __init__(self) -> None:
+        requested: list[str] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                requested.append(self.path)
+                if self.path == "/picture.png":
+                    self.reply([png(picture(64, 48))])
+                elif self.path == "/huge.png":  # a PNG signature and then zeros, one byte over our limit
+                    size = MAX_IMAGE_BYTES + 1
+                    head = png(picture(8, 8))[:8]
+                    block = bytes(2**20)
+                    self.reply([head, *[block] * ((size - len(head)) // len(block)),
+                                bytes((size - len(head)) % len(block))], size)
+                else:
+                    self.send_error(404)
+
+            def reply(self, parts: list[bytes], size: int | None = None) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(size if size is not None else sum(map(len, parts))))
+                self.end_headers()
+                for part in parts:
+                    self.wfile.write(part)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.requested = requested
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
+
+
+@pytest.fixture(scope="module")
+def files():
+    served = Files()
+    yield served
+    served.httpd.shutdown()
+
+
 def sse_events(response: requests.Response) -> list[tuple[str, dict]]:
     """(event, data) pairs of a text/event-stream response."""
     events, kind, data = [], None, []
@@ -270,6 +320,19 @@ def sse_events(response: requests.Response) -> list[tuple[str, dict]]:
 
 def text(prediction: dict) -> str:
     return "".join(prediction["output"] or [])
+
+
+def failure(prediction: dict) -> str:
+    """The error of a prediction that must have failed."""
+    assert prediction["status"] == "failed", prediction
+    return prediction["error"]
+
+
+def assert_still_serves(server: Server) -> None:
+    assert server.wait_ready() == "READY"
+    prediction = server.predict({"image": IMAGE, "prompt": "Still there?", "max_length_tokens": 1,
+                                 "temperature": 0}).json()
+    assert prediction["status"] == "succeeded", prediction
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,7 +447,12 @@ def test_cancel_stops_generation(server: Server, webhooks: Webhooks) -> None:
         ("repetition_penalty", 0), ("repetition_penalty", 2.5),
         ("top_k", -1), ("seed", -1), ("seed", 2**32),
         ("image", None), ("prompt", None), ("prompt", 42),
+        # Fractions for integers (whole numbers pass: test_whole_number_floats_are_integers), wrong JSON types
+        ("seed", 5.5), ("top_k", 2.5), ("max_length_tokens", -5), ("max_length_tokens", "16"), ("seed", True),
+        ("temperature", [0.5]), ("top_p", {"value": 0.5}), ("prompt", ["a"]), ("prompt", {"text": "a"}),
+        ("image", 42), ("image2", 3.5), ("image", [IMAGE]), ("image", {"url": IMAGE}),
     ],
+    ids=lambda value: value if isinstance(value, str) and len(value) < 20 else None,
 )
 def test_invalid_input_is_refused_with_422(server: Server, field: str, value) -> None:
     inputs = {"image": IMAGE, "prompt": "Describe this image.", **SHORT}
@@ -395,6 +463,126 @@ def test_invalid_input_is_refused_with_422(server: Server, field: str, value) ->
     response = server.predict(inputs)
     assert response.status_code == 422, response.text
     assert any(detail["loc"][-1] == field for detail in response.json()["detail"]), response.text
+
+
+def test_whole_number_floats_are_integers(server: Server) -> None:
+    """JSON Schema's "integer" admits 16.0 (coglet lets it through, 16.5 gets a 422): run() takes it as 16."""
+    inputs = {"image": IMAGE, "prompt": "Describe this image.", "temperature": 1.0}
+    as_floats = server.predict({**inputs, "max_length_tokens": 6.0, "seed": 5.0, "top_k": 5.0}).json()
+    as_ints = server.predict({**inputs, "max_length_tokens": 6, "seed": 5, "top_k": 5}).json()
+    assert as_floats["status"] == as_ints["status"] == "succeeded", (as_floats, as_ints)
+    assert text(as_floats) == text(as_ints)
+
+
+@pytest.mark.parametrize("field", ["image", "image2"])
+def test_server_paths_are_refused_alike(server: Server, field: str, tmp_path: Path) -> None:
+    """A plain string reaches run() as it was sent: the server's disk is not for clients to read, or probe."""
+    (tmp_path / "notes.png").write_text("not an image")
+    paths = [str(ROOT / GOLDEN_IMAGE), str(GOLDEN_IMAGE), "/etc/hostname", str(tmp_path / "notes.png"),
+             str(tmp_path / "missing.png"), str(tmp_path), "/proc/self/environ", "../../../../etc/passwd",
+             f"file://{ROOT / GOLDEN_IMAGE}", "", "HTTP://127.0.0.1/picture.png", "ftp://127.0.0.1/picture.png"]
+    errors = set()
+    for path in paths:
+        prediction = server.predict({"image": IMAGE, "prompt": "Describe.", **SHORT, field: path}).json()
+        error = failure(prediction)
+        assert not path or path not in error.replace(field, "") + prediction["logs"], prediction
+        errors.add(error)
+    assert len(errors) == 1, errors
+    assert f"{field} must be an http://, https:// or data: URI" in errors.pop()
+    assert_still_serves(server)
+
+
+def test_url_inputs_are_downloaded_by_coglet(server: Server, files: Files) -> None:
+    """coglet fetches http(s) URLs before run(), loopback ones included; its own errors for a failed download."""
+    fetched = server.predict({"image": files.url("picture.png"), "prompt": "Describe.", **SHORT}).json()
+    assert fetched["status"] == "succeeded", fetched
+    assert "/picture.png" in files.requested
+    missing = failure(server.predict({"image": files.url("missing.png"), "prompt": "Describe.", **SHORT}).json())
+    assert "404" in missing
+    huge = failure(server.predict({"image2": files.url("huge.png"), "image": IMAGE, "prompt": "Compare.",
+                                   **SHORT}).json())
+    assert f"image2 is {MAX_IMAGE_BYTES + 1} bytes, over the limit of {MAX_IMAGE_BYTES} bytes" in huge
+    assert_still_serves(server)
+
+
+def test_prompt_length_limits(server: Server) -> None:
+    """Megabytes of prompt are refused before tokenizing; one at the limit is tokenized and too long."""
+    huge = server.predict({"image": IMAGE, "prompt": "x" * 3_000_000, **SHORT})
+    assert huge.status_code == 422
+    assert [d["msg"].endswith("is longer than 100000 characters") for d in huge.json()["detail"]] == [True]
+    error = failure(server.predict({"image": IMAGE, "prompt": "word " * 20_000, **SHORT}).json())
+    assert error.count("PromptTooLong") == 1 and "PromptTooLong: the prompt is" in error, error
+    assert "context is 4096 tokens" in error
+    assert_still_serves(server)
+
+
+def test_oversized_request_is_refused_with_413(server: Server) -> None:
+    """coglet buffers at most 100 MiB of request body."""
+    body = json.dumps({"input": {"image": data_uri(bytes(76 * 2**20)), "prompt": "Describe."}})
+    assert len(body) > 100 * 2**20
+    response = server.request("POST", "/predictions", data=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 413, response.text[:200]
+    assert_still_serves(server)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param('{"input": {"image": "IMAGE", "prompt": "a", "temperature": NaN}}', id="NaN"),
+        pytest.param('{"input": {"image": "IMAGE", "prompt": "a", "temperature": Infinity}}', id="Infinity"),
+        pytest.param('{"input": {"image": "IMAGE", "prompt": "a", "top_k": 1e309}}', id="1e309"),
+        pytest.param('{"input": {"image": "IMAGE", "prompt": "a\\ud800"}}', id="lone-surrogate"),
+        pytest.param('{"input": {"image": "IMAGE", "prompt": "a\udcff"}}', id="invalid-utf8"),
+        pytest.param('{"input": {"image": "IMAGE", ', id="truncated"),
+    ],
+)
+def test_unparseable_json_is_refused_with_400(server: Server, body: str) -> None:
+    raw = body.replace("IMAGE", IMAGE).encode("utf-8", "surrogateescape")  # \udcff: the byte 0xff
+    response = server.request("POST", "/predictions", data=raw, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.text.startswith("Failed to parse the request body as JSON")
+    assert_still_serves(server)
+
+
+def test_unknown_fields_are_dropped(server: Server) -> None:
+    """coglet strips fields the schema does not name (logging them) before validating; run() never sees them."""
+    prediction = server.predict({"image": IMAGE, "prompt": "Describe.", **SHORT, "max_tokens": 1, "bogus": [1]})
+    assert prediction.json()["status"] == "succeeded", prediction.text
+    deadline = time.monotonic() + 10
+    while "Stripped unknown input fields" not in server.log_path.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "error"),
+    [
+        pytest.param({"prompt": "<image>" * 1000}, "1000 <image> tags but 1 image was given", id="many-tags"),
+        pytest.param({"image2": IMAGE, "prompt": "<image> only"}, "1 <image> tag but 2 images were given",
+                     id="more-images-than-tags"),
+        pytest.param({"prompt": "Describe\u0000 this.\u0000"}, None, id="nul-bytes"),
+        pytest.param({"prompt": "Describe \U0001F600 \u202e this."}, None, id="emoji-and-bidi"),
+        pytest.param({"image": data_uri(png(picture(1, 1)))}, None, id="1x1-image"),
+        pytest.param({"image": data_uri(png(picture(1, 10000)))}, "image is 1x10000, an aspect ratio of 10000:1, "
+                     "over the limit of 500:1", id="1x10000-image"),
+        pytest.param({"image": data_uri(png(picture(32, 32)), "text/plain")}, None, id="png-labelled-text"),
+        pytest.param({"image": data_uri(b"hello", "text/plain")}, "image is not a recognised image",
+                     id="text-data-uri"),
+        pytest.param({"image": data_uri(bytes(30 * 2**20))}, "image is not a recognised image",
+                     id="30MB-data-uri"),
+        pytest.param({"image": "data:image/png;base64,"}, "image is empty (0 bytes)", id="empty-data-uri"),
+        pytest.param({"image": "data:image/png;base64,abcde"}, "Invalid base64", id="bad-base64"),
+        pytest.param({"top_k": 10**19, "temperature": 1.0}, None, id="top_k-past-int64"),
+        pytest.param({"top_k": 1e30, "temperature": 1.0}, None, id="top_k-1e30"),
+    ],
+)
+def test_hostile_input_fails_clearly_or_works(server: Server, inputs: dict, error: str | None) -> None:
+    prediction = server.predict({"image": IMAGE, "prompt": "Describe this image.", **SHORT, **inputs}).json()
+    if error is None:
+        assert prediction["status"] == "succeeded", prediction
+    else:
+        assert error in failure(prediction)
+    assert_still_serves(server)
 
 
 @pytest.mark.parametrize(
@@ -442,7 +630,7 @@ def test_extra_images_are_used(server: Server) -> None:
     tagged = server.predict({"image": IMAGE, "image2": IMAGE, "prompt": "<image> vs <image>", **SHORT}).json()
     assert tagged["status"] == "succeeded", tagged
     mismatch = server.predict({"image": IMAGE, "prompt": "<image> vs <image>", **SHORT}).json()
-    assert mismatch["status"] == "failed" and "<image>" in mismatch["error"], mismatch
+    assert "2 <image> tags but 1 image was given" in failure(mismatch)
 
 
 def test_server_still_serves_after_errors(server: Server) -> None:
