@@ -88,8 +88,9 @@ class Runner:
     # ---- rows ----
     def set_row(self, row: int, enc: Encoded, params: SamplingParams) -> None:
         """A new request's sampling state in ``row`` (its tokens and positions come with its prefill)."""
+        # A top_k past the vocabulary keeps every token, as 0 does (and would not fit the int64 row).
         self.temperature[row], self.top_p[row], self.top_k[row], self.penalty[row] = (
-            params.temperature, params.top_p, params.top_k, params.repetition_penalty)
+            params.temperature, params.top_p, min(params.top_k, self.vocab), params.repetition_penalty)
         self.top_rows[row] = sampler_mode(params) == "top"
         self.seen[row] = seen_from_prompt(enc.input_ids.to(self.device), self.vocab)
 
