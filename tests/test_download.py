@@ -1,21 +1,32 @@
-"""dsvl2.download against a fake Hugging Face Hub served on 127.0.0.1 from a thread."""
+"""dsvl2.download against a fake Hugging Face Hub on 127.0.0.1, reached through HF_ENDPOINT.
+
+The fake speaks what huggingface_hub's snapshot_download needs: the revision API (with file sizes and hashes),
+the tree API, and HEAD/GET on /resolve/ with ETag, X-Repo-Commit, Content-Length and Range.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+import os
 import random
+import re
+import subprocess
+import sys
 import threading
-import urllib.request
+import time
+from collections import namedtuple
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 
 from dsvl2 import download
-from dsvl2.download import DownloadError, ensure_checkpoint, is_complete_checkpoint
-from dsvl2.errors import CheckpointError
+from dsvl2.download import DownloadError, ensure_checkpoint
 
+ROOT = Path(__file__).resolve().parents[1]
 REPO = "fake-org/fake-vl2-small"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 SHARD1 = "model-00001-of-000002.safetensors"
@@ -25,11 +36,11 @@ UNWANTED = ["README.md", ".gitattributes", "modeling_deepseek.py", "images/logo.
 
 
 class FakeHub:
-    """A tiny Hub: the revision API, /resolve/ (LFS files redirect to a 'CDN' path) and faults."""
+    """The files of one repo at one commit, the requests seen, and the faults to inject."""
 
     def __init__(self) -> None:
         rng = random.Random(0)
-        index = {"metadata": {}, "weight_map": {"a.weight": SHARD1, "b.weight": SHARD2, "c.bias": SHARD2}}
+        index = {"metadata": {}, "weight_map": {"a.weight": SHARD1, "b.weight": SHARD2}}
         self.files = {
             SHARD1: rng.randbytes(300_000),
             SHARD2: rng.randbytes(123_457),
@@ -41,29 +52,41 @@ class FakeHub:
             "modeling_deepseek.py": b"raise SystemExit\n",
             "images/logo.png": b"\x89PNG not really",
         }
-        self.requests: list[tuple[str, dict[str, str]]] = []
+        self.listed_size: dict[str, int] = {}  # sizes the API claims instead of the real ones
+        self.requests: list[tuple[str, str, dict[str, str]]] = []  # (method, path, headers in lower case)
         self.token: str | None = None
-        self.drop_first: set[str] = set()  # first GET of these sends half the body, then hangs up
-        self.drop_always: set[str] = set()
+        self.refusal = (401, "")  # status and X-Error-Code without the token
+        self.drop_first: set[str] = set()  # the first GET sends half the body, then hangs up
+        self.stall: dict[str, threading.Event] = {}  # GETs send half the body, then wait for the event
+        self.fail: dict[str, int] = {}  # GETs (not HEADs) answered with this status
         self.corrupt: set[str] = set()  # served with one byte flipped (right size, wrong hash)
-        self.ignore_range = False
-        self.api_failures = 0  # answer the listing with 503 this many times first
         self.lock = threading.Lock()
+        self.url = ""
 
-    def listing(self) -> dict:
-        siblings = []
+    def etag(self, name: str) -> str:
+        data = self.files[name]
+        return hashlib.sha256(data).hexdigest() if name.endswith(".safetensors") else git_blob_id(data)
+
+    def listing(self, api: str) -> list[dict]:
+        """The files as the revision API lists them (its "siblings", with blobs=true) or the tree API does."""
+        entries = []
         for name, data in self.files.items():
-            if name.endswith(".safetensors"):
-                lfs = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
-                siblings.append({"rfilename": name, "size": len(data), "blobId": "f" * 40, "lfs": lfs})
-            else:
-                blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-                siblings.append({"rfilename": name, "size": len(data), "blobId": blob})
-        return {"id": REPO, "sha": COMMIT, "siblings": siblings}
+            size = self.listed_size.get(name, len(data))
+            entry = ({"rfilename": name, "size": size, "blobId": git_blob_id(data)} if api == "revision" else
+                     {"type": "file", "path": name, "size": size, "oid": git_blob_id(data)})
+            if name.endswith(".safetensors"):  # stored with LFS
+                sha = "sha256" if api == "revision" else "oid"
+                entry["lfs"] = {sha: self.etag(name), "size": size, "pointerSize": 134}
+            entries.append(entry)
+        return entries
 
-    def resolve_requests(self, name: str) -> list[dict[str, str]]:
-        """Headers of the /resolve/ requests for ``name`` (not of the redirected CDN requests)."""
-        return [h for p, h in self.requests if p.endswith("/" + name) and "/resolve/" in p]
+    def gets(self, name: str) -> list[dict[str, str]]:
+        """Headers of the GET requests for file ``name``."""
+        return [h for m, p, h in self.requests if m == "GET" and p.endswith(f"/resolve/{COMMIT}/{name}")]
+
+
+def git_blob_id(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -72,242 +95,228 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
 
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
     def do_GET(self) -> None:
         hub: FakeHub = self.server.hub  # type: ignore[attr-defined]
+        path = self.path.partition("?")[0]
         with hub.lock:
-            hub.requests.append((self.path, dict(self.headers)))
+            hub.requests.append((self.command, path, {k.lower(): v for k, v in self.headers.items()}))
         if hub.token and self.headers.get("Authorization") != f"Bearer {hub.token}":
-            return self.send_error(401)
-        api, resolve = f"/api/models/{REPO}/revision/", f"/{REPO}/resolve/{COMMIT}/"
-        if self.path.startswith(api):
-            rev, _, query = self.path[len(api):].partition("?")
-            if rev not in ("main", COMMIT) or query != "blobs=true":
-                return self.send_error(404)
-            if hub.api_failures:
-                hub.api_failures -= 1
-                return self.send_error(503)
-            return self._send(json.dumps(hub.listing()).encode())
-        if self.path.startswith(resolve) and self.path[len(resolve):] in hub.files:
-            name = self.path[len(resolve):]
-            if name.endswith(".safetensors"):  # LFS: redirect, like the Hub does to its CDN
-                self.send_response(302)
-                self.send_header("Location", f"/cdn/{name}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return None
-            return self._serve(hub, name)
-        if self.path.startswith("/cdn/") and self.path[5:] in hub.files:
-            return self._serve(hub, self.path[5:])
-        return self.send_error(404)
-
-    def _serve(self, hub: FakeHub, name: str) -> None:
+            status, code = hub.refusal
+            return self._send(b"", status, {"X-Error-Code": code} if code else {})
+        for api in ("revision", "tree"):
+            prefix = f"/api/models/{REPO}/{api}/"
+            if path.startswith(prefix):
+                if path[len(prefix):] not in ("main", COMMIT):
+                    return self._send(b"", 404, {"X-Error-Code": "RevisionNotFound"})
+                entries = hub.listing(api)
+                body = {"id": REPO, "sha": COMMIT, "siblings": entries} if api == "revision" else entries
+                return self._send(json.dumps(body).encode(), 200, {"Content-Type": "application/json"})
+        resolve = f"/{REPO}/resolve/{COMMIT}/"
+        if not path.startswith(resolve) or path[len(resolve):] not in hub.files:
+            return self._send(b"", 404, {"X-Error-Code": "RepoNotFound" if REPO not in path else "EntryNotFound"})
+        name = path[len(resolve):]
         data = hub.files[name]
+        headers = {"ETag": f'"{hub.etag(name)}"', "X-Repo-Commit": COMMIT, "Accept-Ranges": "bytes"}
+        if self.command == "HEAD":
+            return self._send(data, 200, headers)
+        if name in hub.fail:
+            return self._send(b"", hub.fail[name])
         if name in hub.corrupt:
             data = bytes([data[0] ^ 1]) + data[1:]
-        start, rng = 0, self.headers.get("Range")
-        if rng and not hub.ignore_range:
-            start = int(rng.removeprefix("bytes=").rstrip("-"))
-        headers = {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"} if start else {}
+        start = int(self.headers.get("Range", "bytes=0-").removeprefix("bytes=").rstrip("-"))
+        if start:
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
         with hub.lock:
-            drop = name in hub.drop_always or name in hub.drop_first
+            cut = name in hub.drop_first or name in hub.stall
             hub.drop_first.discard(name)
-        self._send(data[start:], 206 if start else 200, headers, drop)
+        self._send(data[start:], 206 if start else 200, headers, cut=cut, wait=hub.stall.get(name))
 
-    def _send(self, body: bytes, status: int = 200, headers: dict | None = None, drop: bool = False) -> None:
+    def _send(self, body: bytes, status: int, headers: dict[str, str] | None = None, *, cut: bool = False,
+              wait: threading.Event | None = None) -> None:
         self.send_response(status)
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body[: len(body) // 2] if drop else body)
         self.close_connection = True
+        if self.command == "HEAD":
+            return
+        try:
+            self.wfile.write(body[: len(body) // 2] if cut else body)
+            self.wfile.flush()
+            if wait is not None:
+                wait.wait(30)
+        except OSError:  # the client is gone
+            pass
 
 
 @pytest.fixture
-def hub(monkeypatch: pytest.MonkeyPatch):
-    for var in ("HF_TOKEN", "HF_ENDPOINT", "http_proxy", "HTTP_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1")
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """A fake Hub, and the environment that points huggingface_hub at it (HF_ENDPOINT, and HF_HOME in tmp_path)."""
     fake = FakeHub()
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.hub = fake  # type: ignore[attr-defined]
-    fake.url = f"http://127.0.0.1:{server.server_address[1]}"  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
     thread.start()
+    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    set_env(monkeypatch, HF_ENDPOINT=fake.url, HF_HOME=str(tmp_path / "hf-home"), NO_PROXY="127.0.0.1")
     yield fake
     server.shutdown()
     server.server_close()
+    monkeypatch.undo()
+    importlib.reload(huggingface_hub.constants)
 
 
-def fetch(hub: FakeHub, dest: Path, logs: list[str] | None = None, **kw) -> Path:
-    kw = {"endpoint": hub.url, "retries": 3, "backoff_s": 0.01, **kw}  # type: ignore[attr-defined]
+def set_env(monkeypatch: pytest.MonkeyPatch, **env: str) -> None:
+    """Set environment variables and let huggingface_hub read them again, as it does when first imported."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    importlib.reload(huggingface_hub.constants)
+
+
+def fetch(dest: Path, logs: list[str] | None = None, **kw) -> Path:
     return ensure_checkpoint(dest, kw.pop("repo_id", REPO), log=(logs if logs is not None else []).append, **kw)
 
 
 def assert_checkpoint(hub: FakeHub, dest: Path) -> None:
-    assert is_complete_checkpoint(dest)
+    """``dest`` holds exactly the wanted files, byte for byte, and no staging directory is left."""
+    assert sorted(p.name for p in dest.iterdir()) == sorted(WANTED)
     for name in WANTED:
         assert (dest / name).read_bytes() == hub.files[name], name
-    assert sorted(p.name for p in dest.iterdir()) == sorted([*WANTED, ".complete.json"])
     assert not dest.with_name(dest.name + ".partial").exists()
 
 
-def test_fresh_download(hub: FakeHub, tmp_path: Path) -> None:
+def test_download(hub: FakeHub, tmp_path: Path) -> None:
     logs: list[str] = []
     dest = tmp_path / "weights"
-    assert fetch(hub, dest, logs) == dest
+    assert fetch(dest, logs) == dest
     assert_checkpoint(hub, dest)
-    marker = json.loads((dest / ".complete.json").read_text())
-    assert marker["commit"] == COMMIT and marker["repo_id"] == REPO
-    assert marker["files"][SHARD1] == {"size": 300_000, "sha256": hashlib.sha256(hub.files[SHARD1]).hexdigest()}
-    assert set(marker["files"]) == set(WANTED)
-    for name in UNWANTED:  # never even requested
-        assert not hub.resolve_requests(name)
+    assert all(len(hub.gets(name)) == 1 for name in WANTED)
+    assert not any(hub.gets(name) for name in UNWANTED)
     assert any("checkpoint ready" in line for line in logs)
-    assert not any("Authorization" in h for _, h in hub.requests)
-
-
-def test_second_call_makes_no_requests(hub: FakeHub, tmp_path: Path) -> None:
-    dest = fetch(hub, tmp_path / "weights")
+    assert not any("authorization" in h for _, _, h in hub.requests)
     seen = len(hub.requests)
-    assert fetch(hub, dest) == dest
+    assert fetch(dest) == dest  # a checkpoint is there: no request at all
     assert len(hub.requests) == seen
 
 
-def test_dropped_connection_resumes_with_range(hub: FakeHub, tmp_path: Path) -> None:
-    hub.drop_first = {SHARD1, "config.json"}
-    logs: list[str] = []
-    dest = fetch(hub, tmp_path / "weights", logs)
-    assert_checkpoint(hub, dest)
-    ranges = [h.get("Range") for h in hub.resolve_requests(SHARD1) if h.get("Range")]
-    assert ranges and int(ranges[0].removeprefix("bytes=").rstrip("-")) > 0
-    assert any("retry" in line for line in logs)
+def test_dropped_connection_resumes_with_range(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The library writes what it received in chunks of this size (10 MB): smaller, so that the half shard counts.
+    monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 1 << 16)
+    hub.drop_first = {SHARD1}
+    assert_checkpoint(hub, fetch(tmp_path / "weights"))
+    first, second = hub.gets(SHARD1)
+    assert "range" not in first and second["range"] == f"bytes={(150_000 >> 16) << 16}-"
 
 
-def test_resume_across_calls(hub: FakeHub, tmp_path: Path) -> None:
-    hub.drop_always = {SHARD1}
-    dest = tmp_path / "weights"
-    with pytest.raises(DownloadError, match=f"{SHARD1}: giving up after 2 attempts"):
-        fetch(hub, dest, retries=2)
-    assert not dest.exists() and not is_complete_checkpoint(dest)
-    partial = tmp_path / "weights.partial" / (SHARD1 + ".incomplete")
-    assert 0 < partial.stat().st_size < 300_000
-    have = partial.stat().st_size
-    hub.drop_always.clear()
-    n_shard2 = len(hub.resolve_requests(SHARD2))
-    fetch(hub, dest)
-    assert_checkpoint(hub, dest)
-    assert hub.resolve_requests(SHARD1)[-1].get("Range") == f"bytes={have}-"
-    assert len(hub.resolve_requests(SHARD2)) == n_shard2  # finished files are kept, not fetched again
+def test_killed_download_never_leaves_a_partial_checkpoint(hub: FakeHub, tmp_path: Path) -> None:
+    """A process started with HF_ENDPOINT and HF_HOME set is killed mid-shard; the next attempts fetch only what
+    is missing, and the checkpoint directory appears only when complete."""
+    hub.stall = {SHARD1: threading.Event()}
+    dest, staging = tmp_path / "weights", tmp_path / "weights.partial"
+    code = f"from dsvl2.download import ensure_checkpoint; ensure_checkpoint({str(dest)!r}, {REPO!r})"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not ((staging / SHARD2).is_file() and any(staging.rglob("*.incomplete"))):
+            assert proc.poll() is None and time.monotonic() < deadline, "the download did not get under way"
+            assert not dest.exists()
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait()
+    hub.stall.pop(SHARD1).set()
+    assert not dest.exists() and any(staging.rglob("*.incomplete"))
+    hub.fail = {SHARD1: 503}  # a second attempt fails too: the killed one's partial file is removed all the same
+    with pytest.raises(DownloadError, match=f"HTTP 503 for .*/{SHARD1}; try again later"):
+        fetch(dest)
+    assert not dest.exists() and not any(staging.rglob("*.incomplete"))
+    hub.fail.clear()
+    assert_checkpoint(hub, fetch(dest))
+    assert len(hub.gets(SHARD1)) == 3 and len(hub.gets(SHARD2)) == 1
 
 
-@pytest.mark.parametrize(("name", "kind"), [(SHARD1, "sha256"), ("config.json", "git blob sha1")])
-def test_corrupt_content_is_rejected(hub: FakeHub, tmp_path: Path, name: str, kind: str) -> None:
-    hub.corrupt = {name}
-    dest = tmp_path / "weights"
-    with pytest.raises(CheckpointError, match=f"{name}: {kind} mismatch"):
-        fetch(hub, dest)
-    assert not dest.exists() and not is_complete_checkpoint(dest)
-    staging = tmp_path / "weights.partial"
-    assert not (staging / name).exists() and not (staging / (name + ".incomplete")).exists()
-    hub.corrupt.clear()  # a later attempt with good content completes
-    assert_checkpoint(hub, fetch(hub, dest))
+def test_too_little_disk_space_is_refused_before_downloading(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub.listed_size[SHARD1] = 20_000_000_000
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(download.shutil, "disk_usage", lambda path: usage(100e9, 95e9, 5_000_000_000))
+    with pytest.raises(DownloadError, match=rf"20\.00 GB to download into {re.escape(str(tmp_path))}/weights\.partial, "
+                                            r"but only 5\.00 GB free"):
+        fetch(tmp_path / "weights")
+    assert not any(m == "GET" and "/resolve/" in p for m, p, _ in hub.requests)
 
 
-def test_stale_partial_is_restarted(hub: FakeHub, tmp_path: Path) -> None:
-    staging = tmp_path / "weights.partial"
-    staging.mkdir()
-    (staging / ".commit").write_text(COMMIT)
-    (staging / (SHARD1 + ".incomplete")).write_bytes(b"\0" * 1000)  # wrong prefix from a bad attempt
-    dest = fetch(hub, tmp_path / "weights")
-    assert_checkpoint(hub, dest)
-    assert [h.get("Range") for h in hub.resolve_requests(SHARD1)] == ["bytes=1000-", None]
-
-
-def test_staging_from_another_commit_is_discarded(hub: FakeHub, tmp_path: Path) -> None:
-    staging = tmp_path / "weights.partial"
-    staging.mkdir()
-    (staging / ".commit").write_text("f" * 40)
-    (staging / SHARD2).write_bytes(b"x" * 123_457)  # right size, but from another commit
-    assert_checkpoint(hub, fetch(hub, tmp_path / "weights"))
-
-
-def test_404_names_the_repo(hub: FakeHub, tmp_path: Path) -> None:
-    with pytest.raises(DownloadError, match="404.*[Cc]heck the repo id"):
-        fetch(hub, tmp_path / "weights", repo_id="nobody/missing")
-    with pytest.raises(DownloadError, match="404"):
-        fetch(hub, tmp_path / "weights", revision="no-such-branch")
-    assert not (tmp_path / "weights").exists()
-
-
-def test_401_asks_for_a_token(hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    hub.token = "hf_secret"
-    with pytest.raises(DownloadError, match="401.*HF_TOKEN"):
-        fetch(hub, tmp_path / "weights")
-    hub.requests.clear()
-    assert_checkpoint(hub, fetch(hub, tmp_path / "weights", token="hf_secret"))
-    assert all(h.get("Authorization") == "Bearer hf_secret" for _, h in hub.requests)  # redirects too
+@pytest.mark.parametrize(("status", "code"), [(401, ""), (403, "GatedRepo")])
+def test_refused_without_a_token_names_hf_token(hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                status: int, code: str) -> None:
+    hub.token, hub.refusal = "hf_secret", (status, code)
+    with pytest.raises(DownloadError, match=f"HTTP {status} for .*{REPO}.*set HF_TOKEN"):
+        fetch(tmp_path / "weights")
+    refused = len(hub.requests)
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
-    assert_checkpoint(hub, fetch(hub, tmp_path / "other"))
+    assert_checkpoint(hub, fetch(tmp_path / "weights"))
+    assert all(h.get("authorization") == "Bearer hf_secret" for _, _, h in hub.requests[refused:])
 
 
-def test_5xx_is_retried(hub: FakeHub, tmp_path: Path) -> None:
-    hub.api_failures = 2
-    assert_checkpoint(hub, fetch(hub, tmp_path / "weights"))
-    hub.api_failures = 5
-    with pytest.raises(DownloadError, match="giving up after 3 attempts: HTTP 503"):
-        fetch(hub, tmp_path / "again")
+def test_token_from_hf_home(hub: FakeHub, tmp_path: Path) -> None:
+    hub.token = "hf_saved"
+    (tmp_path / "hf-home").mkdir()
+    (tmp_path / "hf-home" / "token").write_text("hf_saved")  # where `hf auth login` saves it
+    assert_checkpoint(hub, fetch(tmp_path / "weights"))
 
 
-def test_incomplete_dest_is_not_taken(hub: FakeHub, tmp_path: Path) -> None:
+def test_offline_without_a_checkpoint(hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    set_env(monkeypatch, HF_HUB_OFFLINE="1")
+    with pytest.raises(DownloadError, match=f"HF_HUB_OFFLINE is set.*unset it, or put a complete checkpoint.* in "
+                                            f"{re.escape(str(tmp_path))}/weights"):
+        fetch(tmp_path / "weights")
+    assert not hub.requests
+
+
+def test_not_found(hub: FakeHub, tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match="HTTP 404 for .*nobody/missing.*[Cc]heck the repo id"):
+        fetch(tmp_path / "weights", repo_id="nobody/missing")
+    with pytest.raises(DownloadError, match=f"{REPO} has no revision 'no-such-branch'"):
+        fetch(tmp_path / "weights", revision="no-such-branch")
+    assert not any(tmp_path.glob("weights*"))
+
+
+def test_hub_unreachable(hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    set_env(monkeypatch, HF_ENDPOINT="http://127.0.0.1:9")  # the discard port: nothing listens
+    with pytest.raises(DownloadError, match=r"ConnectError.*Check the network connection and HF_ENDPOINT "
+                                            r"\(http://127.0.0.1:9\)"):
+        fetch(tmp_path / "weights")
+
+
+def test_corrupt_file_is_rejected_and_fetched_again(hub: FakeHub, tmp_path: Path) -> None:
+    hub.corrupt = {SHARD1}
+    dest = tmp_path / "weights"
+    with pytest.raises(DownloadError, match=f"{SHARD1}: sha256 mismatch"):
+        fetch(dest)
+    assert not dest.exists() and not (tmp_path / "weights.partial" / SHARD1).exists()
+    hub.corrupt.clear()
+    assert_checkpoint(hub, fetch(dest))
+    assert len(hub.gets(SHARD1)) == 2 and len(hub.gets(SHARD2)) == 1
+
+
+def test_directory_without_a_checkpoint_is_moved_aside(hub: FakeHub, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    assert_checkpoint(hub, fetch(tmp_path / "empty"))  # an empty directory is simply replaced
     dest = tmp_path / "weights"
     dest.mkdir()
-    (dest / "config.json").write_bytes(hub.files["config.json"])
     (dest / SHARD1).write_bytes(hub.files[SHARD1][:1000])
     (dest / "my-notes.txt").write_text("keep me")
-    assert not is_complete_checkpoint(dest)
-    assert_checkpoint(hub, fetch(hub, dest))
+    assert_checkpoint(hub, fetch(dest))
     (aside,) = tmp_path.glob("weights.incomplete-*")  # moved aside, never deleted
     assert (aside / "my-notes.txt").read_text() == "keep me"
-
-
-def test_marker_with_truncated_file_is_incomplete(hub: FakeHub, tmp_path: Path) -> None:
-    dest = fetch(hub, tmp_path / "weights")
-    with open(dest / SHARD2, "r+b") as fh:
-        fh.truncate(100)
-    assert not is_complete_checkpoint(dest)
-    (dest / SHARD2).unlink()
-    assert not is_complete_checkpoint(dest)
-    assert not is_complete_checkpoint(tmp_path / "nothing-here")
-
-
-def test_empty_dest_dir_is_replaced(hub: FakeHub, tmp_path: Path) -> None:
-    (tmp_path / "weights").mkdir()
-    assert_checkpoint(hub, fetch(hub, tmp_path / "weights"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights"]
-
-
-def test_server_ignoring_range(hub: FakeHub, tmp_path: Path) -> None:
-    hub.ignore_range = True
-    hub.drop_first = {SHARD1}
-    assert_checkpoint(hub, fetch(hub, tmp_path / "weights"))
-    assert [bool(h.get("Range")) for h in hub.resolve_requests(SHARD1)] == [False, True]
-
-
-def test_index_naming_a_missing_shard(hub: FakeHub, tmp_path: Path) -> None:
-    index = json.loads(hub.files["model.safetensors.index.json"])
-    index["weight_map"]["d.weight"] = "model-00003-of-000002.safetensors"
-    hub.files["model.safetensors.index.json"] = json.dumps(index).encode()
-    with pytest.raises(CheckpointError, match="model-00003-of-000002.safetensors"):
-        fetch(hub, tmp_path / "weights")
-    assert not (tmp_path / "weights").exists()
-
-
-def test_authorization_is_not_sent_to_another_host() -> None:
-    req = urllib.request.Request("https://huggingface.co/org/repo/resolve/abc/model.safetensors")
-    req.add_unredirected_header("Authorization", "Bearer hf_secret")
-    handler = download._Redirect()
-    cdn = handler.redirect_request(req, None, 302, "Found", {}, "https://cdn-lfs.hf.co/abc?sig=1")
-    same = handler.redirect_request(req, None, 307, "Temporary Redirect", {}, "https://huggingface.co/api/x")
-    assert cdn is not None and not cdn.has_header("Authorization")
-    assert same is not None and same.get_header("Authorization") == "Bearer hf_secret"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["empty", aside.name, "weights"])
