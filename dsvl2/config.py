@@ -2,13 +2,14 @@
 
 Only the DeepSeek-VL2 variant this code implements is accepted: anything else is refused at load
 time with the field and value named, rather than silently computing something different.
-Defaults are those of the reference configuration classes, for fields the file may omit.
+Defaults are DeepSeek-VL2-small's values (not the reference configuration classes' own), for fields the file
+may omit. Sizes the code cannot run are refused here too (``_check_sizes``), never left to fail in a request.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,8 @@ class LanguageConfig:
     moe_intermediate_size: int = 1408
     num_hidden_layers: int = 27
     num_attention_heads: int = 16
-    n_shared_experts: int = 2
-    n_routed_experts: int = 64
+    n_shared_experts: int = 2  # null in a file (upstream: no shared experts) is read as 0, which computes the same
+    n_routed_experts: int | None = 64  # null: every layer dense, as upstream
     num_experts_per_tok: int = 6
     routed_scaling_factor: float = 1.0
     kv_lora_rank: int = 512
@@ -71,7 +72,8 @@ class LanguageConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     def is_moe_layer(self, i: int) -> bool:
-        return i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
+        return (self.n_routed_experts is not None and i >= self.first_k_dense_replace
+                and i % self.moe_layer_freq == 0)
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,8 @@ class ModelConfig:
         _require(proj_raw, "mlp_ratio", 1, source, "projector_config.")
         _require(proj_raw, "token_pooling", False, source, "projector_config.")
         _require(vision_raw, "image_size", 384, source, "vision_config.")
+        _require(vision_raw, "patch_size", 14, source, "vision_config.")  # the processor's token counts assume both
+        _require(proj_raw, "downsample_ratio", 2, source, "projector_config.")
         _require(vision_raw, "class_token", False, source, "vision_config.")
         _require(vision_raw, "ignore_head", True, source, "vision_config.")
         _require(lang_raw, "q_lora_rank", None, source, "language_config.")
@@ -104,6 +108,7 @@ class ModelConfig:
         _require(lang_raw, "n_group", 1, source, "language_config.")
         _require(lang_raw, "rope_scaling", None, source, "language_config.")
         _require(lang_raw, "tie_word_embeddings", False, source, "language_config.")
+        _require(lang_raw, "hidden_act", "silu", source, "language_config.")
         n_heads = lang_raw.get("num_attention_heads", LanguageConfig.num_attention_heads)
         if lang_raw.get("num_key_value_heads", n_heads) != n_heads:
             raise CheckpointError(
@@ -111,6 +116,9 @@ class ModelConfig:
         vision = VisionConfig(**_pick(vision_raw, VisionConfig, skip={"eps"}))
         projector = ProjectorConfig(**_pick(proj_raw, ProjectorConfig))
         language = LanguageConfig(**_pick(lang_raw, LanguageConfig))
+        if language.n_shared_experts is None:
+            language = replace(language, n_shared_experts=0)
+        _check_sizes(vision, language, source)
         if projector.input_dim != vision.width or projector.n_embed != language.hidden_size:
             raise CheckpointError(
                 f"{source}: projector_config input_dim/n_embed ({projector.input_dim}/{projector.n_embed}) "
@@ -148,6 +156,54 @@ def _require(raw: dict, key: str, expected: Any, source: str, prefix: str = "") 
         raise CheckpointError(
             f"{source}: unsupported {prefix}{key}={value!r}; this implementation supports only {expected!r}"
         )
+
+
+def _check_sizes(vision: VisionConfig, language: LanguageConfig, source: str) -> None:
+    """Refuse, by field and value, the numbers this code cannot run (rather than fail in every request's prefill).
+    Every other size runs on each path: the eager and compiled prefill and the plain decode (the Triton kernels
+    check their own shape rules and leave the rest to the plain code)."""
+
+    def refuse(field: str, value: Any, why: str) -> None:
+        raise CheckpointError(f"{source}: unsupported {field}={value!r}: {why}")
+
+    def count(section: str, cfg: Any, field: str, least: int | None = 1) -> int:
+        value = getattr(cfg, field)
+        if not isinstance(value, int) or isinstance(value, bool):
+            refuse(f"{section}.{field}", value, "must be an integer")
+        if least is not None and value < least:
+            refuse(f"{section}.{field}", value, f"must be at least {least}")
+        return value
+
+    def positive(section: str, cfg: Any, field: str) -> None:
+        value = getattr(cfg, field)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            refuse(f"{section}.{field}", value, "must be a positive number")
+
+    heads = count("vision_config", vision, "heads")
+    if count("vision_config", vision, "width") % heads:
+        refuse("vision_config.width", vision.width, f"must be a multiple of the {heads} heads")
+    count("vision_config", vision, "layers", 0)
+    positive("vision_config", vision, "mlp_ratio")
+    lang = "language_config"
+    for field in ("vocab_size", "hidden_size", "num_attention_heads", "kv_lora_rank", "v_head_dim",
+                  "max_position_embeddings", "moe_layer_freq"):
+        count(lang, language, field)
+    for field in ("num_hidden_layers", "qk_nope_head_dim"):
+        count(lang, language, field, 0)
+    count(lang, language, "first_k_dense_replace", None)
+    if count(lang, language, "qk_rope_head_dim") % 2:
+        refuse(f"{lang}.qk_rope_head_dim", language.qk_rope_head_dim, "must be even (rotary pairs)")
+    positive(lang, language, "rope_theta")
+    layers = range(language.num_hidden_layers)
+    if any(not language.is_moe_layer(i) for i in layers):
+        count(lang, language, "intermediate_size")
+    if any(language.is_moe_layer(i) for i in layers):
+        count(lang, language, "moe_intermediate_size")
+        count(lang, language, "n_shared_experts", 0)
+        experts = count(lang, language, "n_routed_experts")
+        if count(lang, language, "num_experts_per_tok") > experts:
+            refuse(f"{lang}.num_experts_per_tok", language.num_experts_per_tok,
+                   f"top-k cannot exceed the {experts} routed experts")
 
 
 def _pick(raw: dict, cls: type, skip: frozenset | set = frozenset()) -> dict:

@@ -131,6 +131,9 @@ def load_model(ckpt: str | Path, device: str | torch.device = "cpu", dtype: torc
     n_bytes = _fill(params, ckpt, put)
     for target, tensor in stacked.items():
         _assign(model, target, tensor)
+    for name, p in params.items():  # empty parameters (no shared experts) need not be in the file
+        if p.numel() == 0:
+            _assign(model, name, torch.empty(p.shape, device=device, dtype=dtype))
     model.finish_loading()
     log(f"loaded {n_bytes / 1e9:.2f} GB from {ckpt} to {device} as {dtype} in {time.perf_counter() - t0:.1f} s")
     return model
@@ -193,6 +196,8 @@ def _fill(params: dict[str, nn.Parameter], ckpt: Path,
     unfilled: set = set()
     for n, p in params.items():
         stack = n.rpartition(".")[2]
+        if p.numel() == 0:  # nothing to read (a file may still hold the empty tensor)
+            continue
         if stack in STACKS:
             unfilled |= {(n, e, o) for e in range(p.shape[0]) for o in range(expert_blocks(stack))}
         else:

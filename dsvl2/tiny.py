@@ -48,14 +48,17 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def preset_config(preset: str) -> dict:
-    """The real config.json with one preset's numbers applied."""
+def preset_config(preset: str, overrides: dict[str, dict] | None = None) -> dict:
+    """The real config.json with one preset's numbers applied, then ``overrides`` (the same form as a preset:
+    {"language": {"v_head_dim": 40}, ...}), for tests of other shapes."""
     raw = json.loads((ASSETS / "small_config.json").read_text())
     cfg = copy.deepcopy(raw)
     for section, values in PRESETS[preset].items():
         cfg[f"{section}_config"].update(values)
     if preset != "small":  # ids of the tiny tokenizer's special tokens
         cfg["language_config"].update(bos_token_id=556, eos_token_id=557)
+    for section, values in (overrides or {}).items():
+        cfg[f"{section}_config"].update(values)
     return cfg
 
 
@@ -81,11 +84,12 @@ def official_shapes(cfg: ModelConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
 
 
 def build_random_checkpoint(out_dir: str | Path, preset: str = "demo", seed: int = 0, std: float = 0.25,
-                            n_shards: int = 3, device: str = "cpu") -> Path:
-    """Write a random-weight checkpoint (bfloat16) in the official layout and return its directory."""
+                            n_shards: int = 3, device: str = "cpu", overrides: dict[str, dict] | None = None) -> Path:
+    """Write a random-weight checkpoint (bfloat16) in the official layout and return its directory;
+    ``overrides`` changes the preset's numbers (see ``preset_config``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    raw = preset_config(preset)
+    raw = preset_config(preset, overrides)
     cfg = ModelConfig.from_dict(raw)
     gen = torch.Generator(device=device).manual_seed(seed)
     shapes = list(official_shapes(cfg))
@@ -102,7 +106,7 @@ def build_random_checkpoint(out_dir: str | Path, preset: str = "demo", seed: int
             shard, index = {}, index + 1
     (out / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total * 2}, "weight_map": weight_map}, indent=2))
-    return write_processor_files(out, preset)
+    return write_processor_files(out, preset, overrides)
 
 
 def random_model(preset: str = "small", device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
@@ -117,11 +121,11 @@ def random_model(preset: str = "small", device: str = "cuda", dtype: torch.dtype
     return model
 
 
-def write_processor_files(out_dir: str | Path, preset: str = "small") -> Path:
-    """Tokenizer and processor files of a preset (what ``Processor.from_pretrained`` reads)."""
+def write_processor_files(out_dir: str | Path, preset: str = "small", overrides: dict[str, dict] | None = None) -> Path:
+    """config.json, tokenizer and processor files of a preset (what ``Processor.from_pretrained`` reads)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    raw = preset_config(preset)
+    raw = preset_config(preset, overrides)
     (out / "config.json").write_text(json.dumps(raw, indent=2))
     _write_processor_files(out, raw)
     return out

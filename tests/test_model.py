@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from _transformers_reference import deepseek_v2_reference
 
 from dsvl2.engine import Engine, set_moe_impl
 from dsvl2.images import load_image
-from dsvl2.loader import iter_tensors, load_model, shard_files
+from dsvl2.loader import load_model
 from dsvl2.processor import image_token_count
 from dsvl2.sampling import SamplingParams
 from dsvl2.tiny import build_random_checkpoint
@@ -83,27 +84,9 @@ def alt_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_alt_shape_matches_transformers_deepseek_v2(alt_checkpoint: Path) -> None:
     """An independent implementation of the language model agrees on a checkpoint of another shape."""
-    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
-
     model = load_model(alt_checkpoint, "cpu", torch.float32)
-    lc = json.loads((alt_checkpoint / "config.json").read_text())["language_config"]
-    cfg = DeepseekV2Config(**{k: v for k, v in lc.items() if k not in ("architectures", "model_type", "torch_dtype")})
-    cfg._attn_implementation = "eager"
-    hf = DeepseekV2ForCausalLM(cfg).float().eval()
-    sd = {n[len("language."):]: t.float() for n, _, t in iter_tensors(alt_checkpoint, shard_files(alt_checkpoint))
-          if n.startswith("language.")}
-    for i in range(cfg.first_k_dense_replace, cfg.num_hidden_layers):  # transformers stacks the experts
-        p = f"model.layers.{i}.mlp.experts"
-        sd[f"{p}.gate_up_proj"] = torch.stack([
-            torch.cat([sd.pop(f"{p}.{j}.gate_proj.weight"), sd.pop(f"{p}.{j}.up_proj.weight")])
-            for j in range(cfg.n_routed_experts)])
-        sd[f"{p}.down_proj"] = torch.stack([sd.pop(f"{p}.{j}.down_proj.weight") for j in range(cfg.n_routed_experts)])
-    hf.load_state_dict(sd, strict=True)
-    # The reference rounds the rotary frequencies to bf16 (see language.rope_table); give transformers the same.
-    for module in hf.modules():
-        if hasattr(module, "inv_freq"):
-            module.inv_freq.copy_(module.inv_freq.to(torch.bfloat16).float())
-    ids = torch.randint(0, lc["vocab_size"], (1, 300), generator=torch.Generator().manual_seed(0))
+    hf = deepseek_v2_reference(alt_checkpoint)
+    ids = torch.randint(0, hf.config.vocab_size, (1, 300), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ref = hf(ids).logits[0]
         cache = model.language.new_cache(1, 512)
