@@ -1,18 +1,18 @@
 """Strict checkpoint loader for the official DeepSeek-VL2 layout.
 
-The model is built on the meta device (no random initialisation); each shard is memory-mapped
-and every tensor is assigned in place, converted to the requested device and dtype one tensor at a
-time (no second full copy in host memory). Every parameter must be filled and every checkpoint key
-used, except ``vision.attn_pool.*`` (the SigLIP pooling head that upstream never runs). Any
-missing shard, truncated or corrupt file, unknown key or wrong shape is an error naming the file
-and the key.
+The model is built on the meta device (no random initialisation). Each shard is opened with safetensors' own
+reader, which checks the header against the file (offsets contiguous, sizes matching shapes and dtypes, the data
+ending exactly at the end of the file) and memory-maps it; every tensor is a view of the mapping, assigned in place
+or copied into an allocated model one tensor at a time (no second full copy in host memory). Every parameter must
+be filled and every checkpoint key used, except ``vision.attn_pool.*`` (the SigLIP pooling head that upstream
+never runs). Any missing shard, truncated or corrupt file, unknown key, wrong shape or dtype is an error naming the
+file and the key.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import mmap
 import re
 import threading
 import time
@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .config import ModelConfig
@@ -31,7 +32,7 @@ from .prefetch import start_read_ahead
 
 DROPPED_PREFIXES = ("vision.attn_pool.",)
 _EXPERT_RE = re.compile(r"^(language\.model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+_DTYPES = ("BF16", "F16", "F32")  # as safetensors names them; anything else in a shard is refused
 
 
 def shard_files(ckpt: Path) -> dict[str, Path]:
@@ -40,7 +41,8 @@ def shard_files(ckpt: Path) -> dict[str, Path]:
     if not index.exists():
         single = ckpt / "model.safetensors"
         if single.exists():
-            return {name: single for name in read_header(single)}
+            with open_shard(single) as f:
+                return dict.fromkeys(f.keys(), single)
         raise CheckpointError(f"{ckpt}: no model.safetensors.index.json and no model.safetensors")
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -52,60 +54,38 @@ def shard_files(ckpt: Path) -> dict[str, Path]:
     return {name: ckpt / f for name, f in weight_map.items()}
 
 
-def read_header(path: Path) -> dict[str, dict]:
-    """Parse and validate a safetensors header against the file's size."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path}: truncated ({size} bytes): no safetensors header")
-        n = int.from_bytes(raw, "little")
-        if n > size - 8:
-            raise CheckpointError(f"{path}: truncated or corrupt: header claims {n} bytes, file has {size}")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    header.pop("__metadata__", None)
-    for name, info in header.items():
-        begin, end = info["data_offsets"]
-        if info["dtype"] not in _DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        itemsize = _DTYPES[info["dtype"]].itemsize
-        count = 1
-        for d in info["shape"]:
-            count *= d
-        if end - begin != count * itemsize:
-            raise CheckpointError(f"{path}: tensor {name}: {end - begin} bytes for shape {info['shape']}")
-        if 8 + n + end > size:
-            raise CheckpointError(f"{path}: truncated: tensor {name} ends at byte {8 + n + end}, file has {size}")
-        info["start"] = 8 + n + begin
-    return header
+def open_shard(path: Path) -> safe_open:
+    """safetensors' reader of one shard (tensors come as views of its memory map). The library checks the header
+    against the file when it opens it; a file that fails is refused here with its name (the library's own message
+    names neither the file nor, for a truncated one, the tensor)."""
+    try:
+        return safe_open(path, framework="pt")
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: truncated or corrupt ({path.stat().st_size} bytes): {e}; download it "
+                              "again") from None
 
 
 def iter_tensors(ckpt: Path, names: dict[str, Path]) -> Iterator[tuple[str, Path, torch.Tensor]]:
-    """Yield (name, shard, tensor) with each tensor a zero-copy view of its memory-mapped shard, in file order
-    (shards by name, tensors by offset; a name missing from its shard first, to fail early): the order in which
-    ``read_ahead`` brings the bytes in, so each copy finds its bytes read or next in line."""
-    by_file: dict[Path, list[str]] = {}
+    """Yield (name, shard, tensor) with each tensor a zero-copy view of its memory-mapped shard (safetensors maps
+    the file as one torch storage; ``get_tensor`` copies nothing), in file order (shards by name, tensors by offset;
+    a name missing from its shard is reported before any is read): the order in which ``read_ahead`` brings the
+    bytes in, so each copy finds its bytes read or next in line."""
+    by_file: dict[Path, set[str]] = {}
     for name, path in names.items():
-        by_file.setdefault(path, []).append(name)
+        by_file.setdefault(path, set()).add(name)
     for path in sorted(by_file):
-        header = read_header(path)
-        with path.open("rb") as f:
-            # ACCESS_COPY: a private mapping, so torch can wrap it without a writable-buffer warning.
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        for name in sorted(by_file[path], key=lambda n: header[n]["start"] if n in header else -1):
-            if name not in header:
-                raise CheckpointError(f"{path}: the index lists tensor {name} but the shard does not contain it")
-            info = header[name]
-            dtype = _DTYPES[info["dtype"]]
-            count = (info["data_offsets"][1] - info["data_offsets"][0]) // dtype.itemsize
-            if count:
-                t = torch.frombuffer(mm, dtype=dtype, count=count, offset=info["start"])
-            else:
-                t = torch.empty(0, dtype=dtype)
-            yield name, path, t.view(info["shape"])
+        with open_shard(path) as f:
+            absent = sorted(by_file[path] - set(f.keys()))
+            if absent:
+                raise CheckpointError(f"{path}: the index lists tensor {absent[0]} but the shard does not contain it")
+            for name in f.offset_keys():
+                if name not in by_file[path]:
+                    continue
+                dtype = f.get_slice(name).get_dtype()
+                if dtype not in _DTYPES:
+                    raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype} (not one of "
+                                          f"{', '.join(_DTYPES)})")
+                yield name, path, f.get_tensor(name)
 
 
 def load_model(ckpt: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,

@@ -59,20 +59,53 @@ def test_missing_shard(ckpt: Path) -> None:
         load_model(ckpt)
 
 
-def test_truncated_shard(ckpt: Path) -> None:
-    shard = ckpt / "model-00003-of-000003.safetensors"
+def _rewrite_header(shard: Path, edit) -> None:
+    """Apply ``edit(header)`` to a shard's JSON header, the tensor bytes left as they are."""
     data = shard.read_bytes()
-    shard.write_bytes(data[: len(data) - 1000])
-    with pytest.raises(CheckpointError, match=r"model-00003-of-000003.safetensors: truncated: tensor \S+ ends"):
-        load_model(ckpt)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    shard.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
 
 
-def test_corrupt_header(ckpt: Path) -> None:
-    shard = ckpt / "model-00001-of-000003.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[8:20] = b"\xff" * 12
-    shard.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="model-00001-of-000003.safetensors: corrupt safetensors header"):
+def _by_offset(header: dict) -> list[dict]:
+    return sorted((v for k, v in header.items() if k != "__metadata__"), key=lambda v: v["data_offsets"][0])
+
+
+def _lengthen_first(header: dict) -> None:
+    """The first tensor two bytes longer than its shape and dtype make it."""
+    _by_offset(header)[0]["data_offsets"][1] += 2
+
+
+def _move_last_past_the_end(header: dict) -> None:
+    """The last tensor's bytes said to start where they end (its size kept)."""
+    begin, end = _by_offset(header)[-1]["data_offsets"]
+    _by_offset(header)[-1]["data_offsets"] = [end, 2 * end - begin]
+
+
+# What safetensors 0.8.0 says of each damage (checked when the file is opened, before any tensor is read).
+@pytest.mark.parametrize("damage,reason", [
+    pytest.param(lambda d, shard: shard.write_bytes(d[:-1000]), "not fully covered", id="truncated"),
+    pytest.param(lambda d, shard: shard.write_bytes(d + bytes(8)), "not fully covered", id="bytes-appended"),
+    pytest.param(lambda d, shard: shard.write_bytes(d[:5]), "header too small", id="no-header"),
+    pytest.param(lambda d, shard: shard.write_bytes(b""), "header too small", id="empty"),
+    pytest.param(lambda d, shard: shard.write_bytes(d[:8] + b"\xff" * 12 + d[20:]), "invalid UTF-8",
+                 id="garbage-header"),
+    pytest.param(lambda d, shard: shard.write_bytes((len(d) + 1).to_bytes(8, "little") + d[8:]),
+                 "invalid header length", id="header-length-past-the-end"),
+    pytest.param(lambda d, shard: _rewrite_header(shard, _lengthen_first), "invalid shape, data type, or offset",
+                 id="size-lies"),
+    pytest.param(lambda d, shard: _rewrite_header(shard, _move_last_past_the_end), r"invalid offset for tensor `\S+`",
+                 id="offset-past-the-end"),
+    pytest.param(lambda d, shard: _rewrite_header(shard, lambda h: h.update(x={"dtype": "F32", "shape": [1]})),
+                 "missing field `data_offsets`", id="entry-without-offsets"),
+])
+def test_truncated_or_corrupt_shard_is_refused_by_name(ckpt: Path, damage, reason: str) -> None:
+    shard = ckpt / "model-00003-of-000003.safetensors"
+    damage(shard.read_bytes(), shard)
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: truncated or corrupt \(\d+ bytes\): .*{reason}.*; "
+                                              "download it again"):
         load_model(ckpt)
 
 
@@ -99,6 +132,27 @@ def test_wrong_shape(ckpt: Path) -> None:
     shard = _rewrite_shard(ckpt, key, shrink)
     with pytest.raises(CheckpointError, match=rf"{shard.name}: tensor {key} has shape \[64, 63\], the config expects"):
         load_model(ckpt)
+
+
+def test_wrong_dtype(ckpt: Path) -> None:
+    key = "language.model.layers.2.self_attn.o_proj.weight"
+    shard = _rewrite_shard(ckpt, key, lambda t: t.__setitem__(key, t[key].to(torch.int16)))
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: tensor {key} has unsupported dtype I16"):
+        load_model(ckpt)
+
+
+def test_single_file_checkpoint(ckpt: Path) -> None:
+    """Without an index, one model.safetensors holds every tensor."""
+    reference = dict(load_model(ckpt, dtype=torch.float32).named_parameters())
+    tensors = {}
+    for shard in sorted(ckpt.glob("model-*.safetensors")):
+        tensors.update(load_file(shard))
+        shard.unlink()
+    (ckpt / "model.safetensors.index.json").unlink()
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    got = dict(load_model(ckpt, dtype=torch.float32).named_parameters())
+    assert got.keys() == reference.keys()
+    assert all(torch.equal(got[n], p) for n, p in reference.items())
 
 
 def test_missing_key_and_missing_expert(ckpt: Path) -> None:
@@ -157,12 +211,13 @@ def test_built_checkpoint_round_trips(tmp_path: Path) -> None:
 
 
 def test_tensors_come_in_file_order(ckpt: Path) -> None:
-    """Shards by name, tensors by offset: the order in which the read-ahead brings the bytes in."""
-    from dsvl2.loader import iter_tensors, read_header, shard_files
+    """Shards by name, tensors by offset: the order in which the read-ahead brings the bytes in. Each tensor is a
+    view of its shard's memory map, so its address is its place in the file."""
+    from dsvl2.loader import iter_tensors, shard_files
 
     names = shard_files(ckpt)
     backwards = dict(reversed(names.items()))
-    seen = [(path, read_header(path)[name]["start"]) for name, path, _ in iter_tensors(ckpt, backwards)]
+    seen = [(path, t.data_ptr()) for _, path, t in iter_tensors(ckpt, backwards)]
     assert len(seen) == len(names)
     assert seen == sorted(seen)
 
