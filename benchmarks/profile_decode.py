@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import plain_path, teacher_forced  # noqa: E402
 from gpu_timing import graph_ms, replay_ms  # noqa: E402
 
-from dsvl2 import kernels, moe  # noqa: E402
+from dsvl2 import kernels, moe, moe_kernels  # noqa: E402
 from dsvl2.engine import Engine  # noqa: E402
 from dsvl2.processor import Processor  # noqa: E402
 from dsvl2.sampling import SamplingParams  # noqa: E402
@@ -123,11 +123,11 @@ def main() -> None:
         sweep[f"gemv_q_kv_a_{cfg}"] = round(1e3 * graph_ms(lambda: kernels.gemv(x, wq)), 2)
         sweep[f"gemv_o_proj_{cfg}"] = round(1e3 * graph_ms(lambda: kernels.gemv(x, wo)), 2)
     kernels.GEMV_PDL_CONFIG = default
-    default = kernels.DOWN_PDL_CONFIG
+    default = moe_kernels.DOWN_CONFIG
     for cfg in ((8, 4), (4, 4), (8, 8), (16, 4)):
-        kernels.DOWN_PDL_CONFIG = cfg
+        moe_kernels.DOWN_CONFIG = cfg
         sweep[f"moe_down_pdl_{cfg}"] = round(1e3 * graph_ms(lambda: block.mlp(x)), 2)
-    kernels.DOWN_PDL_CONFIG = default
+    moe_kernels.DOWN_CONFIG = default
     kernels.PDL = False
     sweep["gemv_q_kv_a_loop"] = round(1e3 * graph_ms(lambda: kernels.gemv(x, wq)), 2)
     sweep["gemv_o_proj_loop"] = round(1e3 * graph_ms(lambda: kernels.gemv(x, wo)), 2)

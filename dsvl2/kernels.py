@@ -1,23 +1,29 @@
-"""Triton kernels for decode time: a handful of tokens (CUDA; the tests run them through Triton's interpreter
-on the CPU and compare each with the plain PyTorch code it replaces).
+"""Triton kernels for decode time: one token per row, up to ``MAX_DECODE_TOKENS`` rows (CUDA; the tests run them
+through Triton's interpreter on the CPU and compare each with the plain PyTorch code it replaces).
 
-At batch 1 a decode step is a matter of reading weights once, so every kernel here is a matrix-vector product
-or a reduction laid out for memory bandwidth, reading straight from the model's tensors (no gather copies, no
-host synchronisation, fixed launch shapes for CUDA graphs):
+A decode step is a matter of reading weights, so every kernel here is a matrix-vector product or a reduction laid
+out for memory bandwidth, reading straight from the model's tensors (no gather copies, no host synchronisation,
+fixed launch shapes for CUDA graphs). Each is batch invariant: a row's bits are the same whether it runs alone or
+among other rows, because every row is computed by the same code in programs of its own (or, where a program
+serves several rows, by the same operations one row after the other), with block sizes chosen from the weights'
+shapes, never from the number of rows:
 
-- ``moe_decode``: a whole MoE block in three launches: float32 router logits (the last program to finish takes
-  softmax and top-k), then gate‖up and down over the token's 6 chosen experts and the 2 shared-expert halves;
 - ``mla_prologue``, ``latent_attention`` and ``value_out``: MLA decode over the compressed cache: the query
   absorbed into the latent space (with both rotary parts and the token's cache row in the same kernel), attention
   split over positions up to each row's own position (flash-decoding) and merged by a second kernel, then the
   values' rows of kv_b;
-- ``gemv``: the q‖kv_a and o_proj products.
+- ``gemv``: every other linear layer of a step (q‖kv_a, o_proj, the dense MLP, lm_head): a program reads its block
+  of weight rows once and applies it to every row;
+- ``rms_norm``: the decoder's RMSNorms, one program per row;
+- the MoE block is in ``moe_kernels``.
 
 On Hopper they launch with programmatic dependent launch (see ``PDL``).
 
-They are all registered as ``torch.library`` custom operators, so that ``torch.compile`` keeps each
-decoder layer one graph around them. Every launch goes through ``launch``, so that ``precompile`` can compile
-the kernels a piece of code would launch, side by side, before it first runs (the service's warm-up).
+They are all registered as ``torch.library`` custom operators, each with a fake implementation beside it (its
+output shapes), so that ``torch.compile`` keeps each decoder layer one graph around them (the element-wise code
+between them fuses) instead of breaking the graph at every launch. Every launch goes through ``launch``, so that
+``precompile`` can compile the kernels a piece of code would launch, side by side, before it first runs (the
+service's warm-up).
 """
 
 from __future__ import annotations
@@ -142,217 +148,6 @@ def _pdl_args(x: torch.Tensor) -> dict:
     """The launch keywords: the kernel's USE_PDL flag and, when on, Triton's launch option."""
     on = use_pdl(x)
     return {"USE_PDL": True, "launch_pdl": True} if on else {"USE_PDL": False}
-
-
-# Block sizes of the expert kernels (BLOCK_N, BLOCK_K, num_warps), chosen by benchmarks/profile_decode.py on an H100.
-GATE_UP_CONFIG = (8, 512, 2)
-DOWN_CONFIG = (16, 128, 8)
-DOWN_PDL_CONFIG = (8, 4)  # BLOCK_N, num_warps of the whole-row variant launched with PDL (profile_decode.py sweep)
-
-
-if triton is not None:
-
-    @triton.jit
-    def _router_kernel(x_ptr, a_ptr, nw_ptr, eps, res_ptr, xn_ptr, w_ptr, logits_ptr, count_ptr, ids_ptr, wt_ptr,
-                       D: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr, K_TOP: tl.constexpr,
-                       BLOCK_E: tl.constexpr, D_PAD: tl.constexpr, NORM: tl.constexpr, USE_PDL: tl.constexpr):
-        # Gate logits in float32 for one token and a block of experts; the token's last program to finish
-        # takes the softmax over all experts and the top K (weights not renormalised), then resets the count.
-        # With NORM the input is the layer's residual stream x and attention output a: each program computes
-        # res = x + a and xn = RMSNorm(res) itself (as the plain path rounds them), and the token's first
-        # program stores both for the expert kernels and the residual add.
-        t = tl.program_id(0)
-        eb = tl.program_id(1)
-        e = eb * BLOCK_E + tl.arange(0, BLOCK_E)
-        mask_e = e < E
-        k = tl.arange(0, D_PAD)
-        mask_k = k < D
-        w = tl.load(w_ptr + e[:, None] * D + k[None, :], mask=mask_e[:, None] & mask_k[None, :], other=0.0)
-        if USE_PDL:  # the gate rows are constants: fetched before waiting for the input
-            gdc_wait()
-            gdc_launch_dependents()
-        if NORM:
-            dtype = x_ptr.dtype.element_ty
-            xa = tl.load(x_ptr + t * D + k, mask=mask_k, other=0.0).to(tl.float32)
-            res = (xa + tl.load(a_ptr + t * D + k, mask=mask_k, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
-            normed = (res * tl.math.rsqrt(tl.sum(res * res, axis=0) / D + eps)).to(dtype).to(tl.float32)
-            xk = (normed * tl.load(nw_ptr + k, mask=mask_k, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
-            if eb == 0:
-                tl.store(res_ptr + t * D + k, res.to(dtype), mask=mask_k)
-                tl.store(xn_ptr + t * D + k, xk.to(dtype), mask=mask_k)
-        else:
-            xk = tl.load(x_ptr + t * D + k, mask=mask_k, other=0.0).to(tl.float32)
-        acc = tl.sum(w.to(tl.float32) * xk[None, :], axis=1)
-        tl.store(logits_ptr + t * E + e, acc, mask=mask_e)
-        finished = tl.atomic_add(count_ptr + t, 1, sem="acq_rel")  # orders the stores above before it
-        if finished == tl.num_programs(1) - 1:
-            ea = tl.arange(0, E_PAD)
-            mask_a = ea < E
-            logits = tl.load(logits_ptr + t * E + ea, mask=mask_a, other=float("-inf"), cache_modifier=".cg")
-            p = tl.exp(logits - tl.max(logits, axis=0))
-            p = tl.where(mask_a, p / tl.sum(p, axis=0), -1.0)
-            for j in tl.static_range(K_TOP):
-                best = tl.max(p, axis=0)
-                idx = tl.min(tl.where(p == best, ea, E_PAD), axis=0)
-                tl.store(ids_ptr + t * K_TOP + j, idx)
-                tl.store(wt_ptr + t * K_TOP + j, best)
-                p = tl.where(ea == idx, -1.0, p)
-            tl.store(count_ptr + t, 0)
-
-    @triton.jit
-    def _moe_gate_up_kernel(x_ptr, w13_ptr, sgu_ptr, ids_ptr, h_ptr, D: tl.constexpr, HID: tl.constexpr,
-                            K_TOP: tl.constexpr, N_SHARED: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
-        # Slot s of a token: s < K_TOP is its s-th routed expert, the rest are the shared experts, each an
-        # expert-wide slice of the shared MLP (its gate rows [j*I, (j+1)*I) and the matching up rows).
-        if USE_PDL:  # the expert ids come from the router
-            gdc_wait()
-            gdc_launch_dependents()
-        pair = tl.program_id(0)
-        token = pair // (K_TOP + N_SHARED)
-        slot = pair % (K_TOP + N_SHARED)
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = n < HID
-        if slot < K_TOP:
-            e = tl.load(ids_ptr + token * K_TOP + slot).to(tl.int64)
-            w_gate = w13_ptr + e * (2 * HID * D)
-            w_up = w_gate + HID * D
-        else:
-            w_gate = sgu_ptr + (slot - K_TOP).to(tl.int64) * (HID * D)
-            w_up = w_gate + N_SHARED * HID * D
-        acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            xk = tl.load(x_ptr + token * D + k).to(tl.float32)
-            g = tl.load(w_gate + n[:, None] * D + k[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
-            u = tl.load(w_up + n[:, None] * D + k[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
-            acc_g += tl.sum(g * xk[None, :], axis=1)
-            acc_u += tl.sum(u * xk[None, :], axis=1)
-        g_r = acc_g.to(h_ptr.dtype.element_ty).to(tl.float32)
-        u_r = acc_u.to(h_ptr.dtype.element_ty).to(tl.float32)
-        act = (g_r / (1.0 + tl.exp(-g_r))).to(h_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(h_ptr + pair * HID + n, (act * u_r).to(h_ptr.dtype.element_ty), mask=mask_n)
-
-    @triton.jit
-    def _moe_down_kernel(h_ptr, w2_ptr, sd_ptr, ids_ptr, wt_ptr, y_ptr, D: tl.constexpr, HID: tl.constexpr,
-                         K_TOP: tl.constexpr, N_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         USE_PDL: tl.constexpr):
-        # y[token, slot, n]: a routed slot's bf16 output times its routing weight; a shared slot's partial
-        # (float32) product over its slice of the shared MLP's hidden units.
-        pair = tl.program_id(0)
-        token = pair // (K_TOP + N_SHARED)
-        slot = pair % (K_TOP + N_SHARED)
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = n < D
-        routed = slot < K_TOP
-        r_slot = token * K_TOP + tl.minimum(slot, K_TOP - 1)
-        # With PDL this runs before the wait: the router finished before any gate‖up program passed its wait,
-        # and this kernel launches only after all of them have, so the expert ids are final. They are read
-        # from L2 (".cg"), past any stale L1 line.
-        if routed:
-            e = tl.load(ids_ptr + r_slot, cache_modifier=".cg").to(tl.int64)
-            rows = w2_ptr + e * (D * HID) + n[:, None] * HID
-        else:
-            rows = sd_ptr + n[:, None] * (N_SHARED * HID) + (slot - K_TOP) * HID
-        if USE_PDL:  # this program's whole rows (BLOCK_K >= HID) are fetched before waiting for h
-            k = tl.arange(0, BLOCK_K)
-            mask_k = k < HID
-            w = tl.load(rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            gdc_wait()
-            gdc_launch_dependents()
-            hk = tl.load(h_ptr + pair * HID + k, mask=mask_k, other=0.0).to(tl.float32)
-            acc = tl.sum(w.to(tl.float32) * hk[None, :], axis=1)
-        else:
-            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, HID, BLOCK_K):
-                k = k0 + tl.arange(0, BLOCK_K)
-                mask_k = k < HID
-                hk = tl.load(h_ptr + pair * HID + k, mask=mask_k, other=0.0).to(tl.float32)
-                w = tl.load(rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-                acc += tl.sum(w * hk[None, :], axis=1)
-        weighted = acc.to(h_ptr.dtype.element_ty).to(tl.float32) * tl.load(wt_ptr + r_slot)
-        tl.store(y_ptr + pair * D + n, tl.where(routed, weighted, acc), mask=mask_n)
-
-
-ROUTER_BLOCK_E = 1
-MAX_DECODE_TOKENS = 64
-_route_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def moe_decode_ok(n_tokens: int, top_k: int, dim: int) -> bool:
-    """Shapes the fused decode MoE handles: a few tokens, the hidden size a multiple of the blocks."""
-    return triton is not None and n_tokens * top_k <= MAX_DECODE_TOKENS and dim % 512 == 0
-
-
-def _route_counter(device: torch.device) -> torch.Tensor:
-    """Per-token arrival counts of the router's programs; every launch leaves them at zero again."""
-    if device not in _route_counters:
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("run the fused MoE once before capturing it in a CUDA graph")
-        _route_counters[device] = torch.zeros(MAX_DECODE_TOKENS, dtype=torch.int32, device=device)
-    return _route_counters[device]
-
-
-def _moe_slots(top_k: int, w2: torch.Tensor, shared_down: torch.Tensor) -> int:
-    """Slots per token: the chosen experts, then the shared MLP in expert-wide slices."""
-    return top_k + shared_down.shape[1] // w2.shape[2]
-
-
-def _moe_block(x: torch.Tensor, a: torch.Tensor | None, norm_w: torch.Tensor | None, eps: float, gate_w: torch.Tensor,
-               w13: torch.Tensor, w2: torch.Tensor, shared_gate_up: torch.Tensor, shared_down: torch.Tensor,
-               top_k: int) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """The three launches of ``moe_decode`` and ``moe_decode_residual`` -> (x + a or None, slot outputs)."""
-    n, d = x.shape
-    e, hid = w13.shape[0], w2.shape[2]
-    slots = _moe_slots(top_k, w2, shared_down)
-    n_shared = slots - top_k
-    x = x.contiguous()
-    pdl = _pdl_args(x)
-    norm = a is not None
-    res, xn = (torch.empty_like(x), torch.empty_like(x)) if norm else (None, x)
-    logits = torch.empty(n, e, dtype=torch.float32, device=x.device)
-    ids = torch.empty(n, top_k, dtype=torch.int32, device=x.device)
-    wts = torch.empty(n, top_k, dtype=torch.float32, device=x.device)
-    launch(_router_kernel, (n, triton.cdiv(e, ROUTER_BLOCK_E)),
-           x, a.contiguous() if norm else x, norm_w if norm else x, eps, res if norm else x, xn, gate_w, logits,
-           _route_counter(x.device), ids, wts, D=d, E=e, E_PAD=triton.next_power_of_2(e), K_TOP=top_k,
-           BLOCK_E=ROUTER_BLOCK_E, D_PAD=triton.next_power_of_2(d), NORM=norm, num_warps=4, **pdl)
-    h = torch.empty(n * slots, hid, dtype=x.dtype, device=x.device)
-    bn, bk, nw = GATE_UP_CONFIG
-    launch(_moe_gate_up_kernel, (n * slots, triton.cdiv(hid, bn)),
-           xn, w13, shared_gate_up, ids, h, D=d, HID=hid, K_TOP=top_k, N_SHARED=n_shared, BLOCK_N=bn, BLOCK_K=bk,
-           num_warps=nw, **pdl)
-    y = torch.empty(n, slots, d, dtype=torch.float32, device=x.device)
-    bn, bk, nw = DOWN_CONFIG
-    if pdl["USE_PDL"]:
-        bn, nw = DOWN_PDL_CONFIG
-        bk = triton.next_power_of_2(hid)
-    launch(_moe_down_kernel, (n * slots, triton.cdiv(d, bn)),
-           h, w2, shared_down, ids, wts, y, D=d, HID=hid, K_TOP=top_k, N_SHARED=n_shared, BLOCK_N=bn, BLOCK_K=bk,
-           num_warps=nw, **pdl)
-    return res, y
-
-
-@torch.library.custom_op("dsvl2::moe_decode", mutates_args=())  # opaque to torch.compile: see the end
-def moe_decode(x: torch.Tensor, gate_w: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, shared_gate_up: torch.Tensor,
-               shared_down: torch.Tensor, top_k: int) -> torch.Tensor:
-    """The whole MoE block of a few tokens in three kernels: routing (float32 gate logits, softmax, top-k), then
-    the routed and shared experts side by side (the shared ones as expert-wide slices of the shared MLP).
-
-    x [N, D] -> y [N, top_k + n_shared, D] float32: rows < top_k are weighted bf16 routed outputs, the rest
-    partial sums of the shared MLP; ``y[:, :k].sum(1)`` and ``y[:, k:].sum(1)`` are what ``MoE`` adds.
-    """
-    return _moe_block(x, None, None, 0.0, gate_w, w13, w2, shared_gate_up, shared_down, top_k)[1]
-
-
-@torch.library.custom_op("dsvl2::moe_decode_residual", mutates_args=())
-def moe_decode_residual(x: torch.Tensor, a: torch.Tensor, norm_w: torch.Tensor, eps: float, gate_w: torch.Tensor,
-                        w13: torch.Tensor, w2: torch.Tensor, shared_gate_up: torch.Tensor, shared_down: torch.Tensor,
-                        top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``moe_decode`` of RMSNorm(x + a) (weight norm_w), the residual add and the norm done in the router kernel:
-    x, a [N, D] -> (x + a [N, D], y as ``moe_decode``). The decoder layer adds the experts to x + a."""
-    return _moe_block(x, a, norm_w, eps, gate_w, w13, w2, shared_gate_up, shared_down, top_k)
 
 
 if triton is not None:
@@ -512,6 +307,12 @@ def mla_prologue(qkv: torch.Tensor, cos_sin: torch.Tensor, norm_w: torch.Tensor,
     return q_lat, q_rope
 
 
+@mla_prologue.register_fake
+def _(qkv, cos_sin, norm_w, eps, kv_b, cache, pos, heads, nope, rope):
+    b = qkv.shape[0]
+    return qkv.new_empty(b, heads, kv_b.shape[1]), qkv.new_empty(b, heads, rope)
+
+
 @torch.library.custom_op("dsvl2::latent_attention", mutates_args=())
 def latent_attention(q_lat: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor,
                      scale: float) -> torch.Tensor:
@@ -535,6 +336,11 @@ def latent_attention(q_lat: torch.Tensor, q_rope: torch.Tensor, cache: torch.Ten
     return out
 
 
+@latent_attention.register_fake
+def _(q_lat, q_rope, cache, pos, scale):
+    return torch.empty_like(q_lat)
+
+
 @torch.library.custom_op("dsvl2::value_out", mutates_args=())
 def value_out(o_lat: torch.Tensor, kv_b: torch.Tensor, nope: int) -> torch.Tensor:
     """o_lat [B, H, rank] (attention over the latent cache), kv_b [H * (nope + v), rank] -> [B, H * v]: the values'
@@ -548,93 +354,140 @@ def value_out(o_lat: torch.Tensor, kv_b: torch.Tensor, nope: int) -> torch.Tenso
     return out
 
 
-if triton is not None:
-
-    @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, y_ptr, NOUT: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
-        # y[t, n] = bf16(sum_k x[t, k] w[n, k]) for a block of output rows n of token t (float32 accumulation).
-        t = tl.program_id(1)
-        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = n < NOUT
-        if USE_PDL:  # the program's whole rows (BLOCK_K >= K) are fetched before waiting for x
-            k = tl.arange(0, BLOCK_K)
-            mask = mask_n[:, None] & (k < K)[None, :]
-            w = tl.load(w_ptr + n[:, None].to(tl.int64) * K + k[None, :], mask=mask, other=0.0)
-            gdc_wait()
-            gdc_launch_dependents()
-            xk = tl.load(x_ptr + t * K + k, mask=k < K, other=0.0).to(tl.float32)
-            acc = tl.sum(w.to(tl.float32) * xk[None, :], axis=1)
-        else:
-            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                k = k0 + tl.arange(0, BLOCK_K)
-                mask = mask_n[:, None] & (k < K)[None, :]
-                xk = tl.load(x_ptr + t * K + k, mask=k < K, other=0.0).to(tl.float32)
-                w = tl.load(w_ptr + n[:, None].to(tl.int64) * K + k[None, :], mask=mask, other=0.0)
-                acc += tl.sum(w.to(tl.float32) * xk[None, :], axis=1)
-        tl.store(y_ptr + t * NOUT + n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
-
-
-GEMV_CONFIG = (4, 512, 1)  # BLOCK_N, BLOCK_K, num_warps: from the sweep in benchmarks/profile_decode.py (H100)
-GEMV_PDL_CONFIG = (2, 2)  # BLOCK_N, num_warps of the whole-row variant launched with PDL (sweep as above)
-
-
-def gemv_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """A few rows (decode) times a weight of at most 4096 inputs: the matrix-vector kernel."""
-    return available(x) and x.numel() // x.shape[-1] <= 8 and w.shape[1] <= 4096
-
-
-@torch.library.custom_op("dsvl2::gemv", mutates_args=())
-def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, w)`` for a few rows: x [..., K], w [N, K] contiguous -> [..., N] in x's dtype."""
-    k = x.shape[-1]
-    rows = x.numel() // k
-    y = torch.empty(*x.shape[:-1], w.shape[0], dtype=x.dtype, device=x.device)
-    pdl = _pdl_args(x)
-    if pdl["USE_PDL"]:
-        bn, nw = GEMV_PDL_CONFIG
-        bk = triton.next_power_of_2(k)
-    else:
-        bn, bk, nw = GEMV_CONFIG
-    launch(_gemv_kernel, (triton.cdiv(w.shape[0], bn), rows), x.contiguous(), w, y, NOUT=w.shape[0], K=k, BLOCK_N=bn,
-           BLOCK_K=bk, num_warps=nw, **pdl)
-    return y
-
-
-# The decode-time kernels are registered as custom operators, so torch.compile keeps each decoder layer one
-# graph around them (the element-wise code between them fuses) instead of breaking the graph at every launch;
-# these fake implementations give the compiler their output shapes.
-
-
-@moe_decode.register_fake
-def _(x, gate_w, w13, w2, shared_gate_up, shared_down, top_k):
-    return x.new_empty(x.shape[0], _moe_slots(top_k, w2, shared_down), x.shape[1], dtype=torch.float32)
-
-
-@moe_decode_residual.register_fake
-def _(x, a, norm_w, eps, gate_w, w13, w2, shared_gate_up, shared_down, top_k):
-    y = x.new_empty(x.shape[0], _moe_slots(top_k, w2, shared_down), x.shape[1], dtype=torch.float32)
-    return torch.empty_like(x), y
-
-
-@mla_prologue.register_fake
-def _(qkv, cos_sin, norm_w, eps, kv_b, cache, pos, heads, nope, rope):
-    b = qkv.shape[0]
-    return qkv.new_empty(b, heads, kv_b.shape[1]), qkv.new_empty(b, heads, rope)
-
-
-@latent_attention.register_fake
-def _(q_lat, q_rope, cache, pos, scale):
-    return torch.empty_like(q_lat)
-
-
 @value_out.register_fake
 def _(o_lat, kv_b, nope):
     b, h, _ = o_lat.shape
     return o_lat.new_empty(b, kv_b.shape[0] - h * nope)
 
 
+MAX_DECODE_TOKENS = 64  # rows of a decode step the kernels take (the engine's largest batch)
+
+if triton is not None:
+
+    @triton.jit
+    def rms_norm_row(x, w, eps, D: tl.constexpr, dtype: tl.constexpr):
+        # ``language.RMSNorm`` of one row x (float32, zeros past D) with weight w (float32), rounded as it rounds:
+        # the normalised row to dtype, then its product with the weight to dtype. -> float32
+        normed = (x * tl.math.rsqrt(tl.sum(x * x, axis=0) / D + eps)).to(dtype).to(tl.float32)
+        return (normed * w).to(dtype).to(tl.float32)
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, eps, D: tl.constexpr, D_PAD: tl.constexpr, USE_PDL: tl.constexpr):
+        # One row per program.
+        t = tl.program_id(0)
+        k = tl.arange(0, D_PAD)
+        mask = k < D
+        w = tl.load(w_ptr + k, mask=mask, other=0.0).to(tl.float32)  # a constant: fetched before the wait
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        x = tl.load(x_ptr + t * D + k, mask=mask, other=0.0).to(tl.float32)
+        y = rms_norm_row(x, w, eps, D, y_ptr.dtype.element_ty)
+        tl.store(y_ptr + t * D + k, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit(do_not_specialize=["rows"])
+    def _gemv_kernel(x_ptr, w_ptr, y_ptr, rows, NOUT: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, WHOLE_ROW: tl.constexpr, ROWS_PAD: tl.constexpr, USE_PDL: tl.constexpr):
+        # y[t, n] = round(sum_k x[t, k] w[n, k]) (float32 accumulation, rounded to x's dtype) for a block of
+        # outputs n and every row t < rows. The block's weights are read once for all the rows, and each row's
+        # sum is the same sequence of operations whatever ``rows`` is (not specialised: one binary for every
+        # batch size).
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = n < NOUT
+        w_rows = w_ptr + n[:, None].to(tl.int64) * K
+        x_ty = x_ptr.dtype.element_ty
+        y_ty = y_ptr.dtype.element_ty
+        if WHOLE_ROW:  # the block's whole rows (BLOCK_K >= K) in registers, fetched before waiting for x
+            k = tl.arange(0, BLOCK_K)
+            w = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & (k < K)[None, :], other=0.0)
+            if USE_PDL:
+                gdc_wait()
+                gdc_launch_dependents()
+            for t in range(rows):
+                xk = tl.load(x_ptr + t * K + k, mask=k < K, other=0.0).to(tl.float32)
+                acc = tl.sum(w.to(tl.float32) * xk[None, :], axis=1)
+                tl.store(y_ptr + t * NOUT + n, acc.to(x_ty).to(y_ty), mask=mask_n)
+        else:  # BLOCK_K columns at a time; each row's running sum in its own column of acc
+            if USE_PDL:
+                gdc_wait()
+                gdc_launch_dependents()
+            r = tl.arange(0, ROWS_PAD)
+            acc = tl.zeros([BLOCK_N, ROWS_PAD], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                w = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)
+                for t in range(rows):
+                    xk = tl.load(x_ptr + t * K + k, mask=k < K, other=0.0).to(tl.float32)
+                    acc = tl.where(r[None, :] == t, acc + tl.sum(w * xk[None, :], axis=1)[:, None], acc)
+            tl.store(y_ptr + r[None, :] * NOUT + n[:, None], acc.to(x_ty).to(y_ty),
+                     mask=mask_n[:, None] & (r < rows)[None, :])
+
+
+def rms_norm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Rows the RMSNorm kernel takes: CUDA, a row of at most 16384 in one program, the weight in x's dtype."""
+    return available(x) and x.shape[-1] <= 16384 and weight.dtype == x.dtype
+
+
+@torch.library.custom_op("dsvl2::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``language.RMSNorm`` of every row: x [..., D], weight [D] -> [..., D], the same roundings (variance in
+    float32, the normalised row to x's dtype, then times the weight). One program per row, so a row's result does
+    not depend on the others (a compiled reduction's layout may change with their number)."""
+    d = x.shape[-1]
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    launch(_rms_norm_kernel, (x.numel() // d,), x, weight, y, eps, D=d, D_PAD=triton.next_power_of_2(d), num_warps=4,
+           **_pdl_args(x))
+    return y
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x)
+
+
+# Block sizes of the matrix-vector kernel, by variant. The whole-row variant (launched with PDL; K up to
+# GEMV_WHOLE_ROW_MAX_K) keeps a block of weight rows in registers and fetches it before waiting for the previous
+# kernel; the K-loop variant streams BLOCK_K columns at a time.
+GEMV_CONFIG = (4, 512, 1)  # BLOCK_N, BLOCK_K, num_warps of the K-loop: from the sweep in profile_decode.py (H100)
+GEMV_PDL_CONFIG = (2, 2)  # BLOCK_N, num_warps of the whole-row variant (sweep as above, at one row)
+# Weights of at least GEMV_WIDE_N rows (lm_head, the dense MLP's gate‖up): larger blocks, so that a batch's rows are
+# re-read from cache by a quarter as many programs. Not yet measured: benchmarks/decode_kernels.py --sweep.
+GEMV_WIDE_N, GEMV_WIDE_PDL_CONFIG = 16384, (8, 4)
+GEMV_WHOLE_ROW_MAX_K = 4096
+
+
+def gemv_config(n: int, k: int, pdl: bool) -> tuple[bool, int, int, int]:
+    """(whole row, BLOCK_N, BLOCK_K, num_warps) for a weight [n, k]: from its shape and the launch mode only,
+    never from the number of rows, so that a row is computed by the same code whatever the batch."""
+    if pdl and k <= GEMV_WHOLE_ROW_MAX_K:
+        bn, nw = GEMV_WIDE_PDL_CONFIG if n >= GEMV_WIDE_N else GEMV_PDL_CONFIG
+        return True, bn, triton.next_power_of_2(k), nw
+    bn, bk, nw = GEMV_CONFIG
+    return False, bn, bk, nw
+
+
+def gemv_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Up to MAX_DECODE_TOKENS rows of x (CUDA) times a contiguous matrix of x's dtype: the matrix-vector kernel."""
+    return (available(x) and x.numel() // x.shape[-1] <= MAX_DECODE_TOKENS and w.dim() == 2 and w.is_contiguous()
+            and w.dtype == x.dtype)
+
+
+@torch.library.custom_op("dsvl2::gemv", mutates_args=())
+def gemv(x: torch.Tensor, w: torch.Tensor, float_out: bool = False) -> torch.Tensor:
+    """``F.linear(x, w)``, batch invariant: x [..., K] (at most MAX_DECODE_TOKENS rows), w [N, K] contiguous ->
+    [..., N] in x's dtype; ``float_out``: the same values as float32 (``.float()`` of it, in the same kernel)."""
+    k = x.shape[-1]
+    rows = x.numel() // k
+    n = w.shape[0]
+    y = torch.empty(*x.shape[:-1], n, dtype=torch.float32 if float_out else x.dtype, device=x.device)
+    pdl = _pdl_args(x)
+    whole_row, bn, bk, nw = gemv_config(n, k, pdl["USE_PDL"])
+    launch(_gemv_kernel, (triton.cdiv(n, bn),), x.contiguous(), w, y, rows, NOUT=n, K=k, BLOCK_N=bn, BLOCK_K=bk,
+           WHOLE_ROW=whole_row, ROWS_PAD=MAX_DECODE_TOKENS, num_warps=nw, **pdl)
+    return y
+
+
 @gemv.register_fake
-def _(x, w):
-    return x.new_empty(*x.shape[:-1], w.shape[0])
+def _(x, w, float_out=False):
+    return x.new_empty(*x.shape[:-1], w.shape[0], dtype=torch.float32 if float_out else x.dtype)

@@ -32,6 +32,11 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` of a decode step's rows: on CUDA one kernel program per row, whatever their number (batch
+        invariant; a compiled reduction's layout may change with the number of rows)."""
+        return kernels.rms_norm(x, self.weight, self.eps) if kernels.rms_norm_ok(x, self.weight) else self(x)
+
 
 def rope_table(max_pos: int, dim: int, theta: float, device: torch.device | str) -> torch.Tensor:
     """[max_pos, 2, dim] float32 (cos, sin) in rotate-half layout: frequencies repeated twice."""
@@ -59,6 +64,11 @@ def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     if x.dim() == cos.dim() + 1:  # per-head tensor: broadcast over the head axis
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def _widen(x: torch.Tensor, width: int) -> torch.Tensor:
+    """x [..., d] -> [..., width], zeros appended (x itself when d == width)."""
+    return x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
 
 
 class Attention(nn.Module):
@@ -107,9 +117,14 @@ class Attention(nn.Module):
         c, k_rope = past.split([self.rank, self.rope], dim=-1)
         kv = self.kv_b_proj(c).view(b, start + t, self.h, self.nope + self.vdim)
         k_nope, v = kv.split([self.nope, self.vdim], dim=-1)
-        q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [B, H, T, 192]
-        k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, self.h, -1)], dim=-1).transpose(1, 2)
-        v = F.pad(v, (0, self.nope + self.rope - self.vdim)).transpose(1, 2)  # pad v to the qk width
+        # One head width for q, k and v (flash attention wants it), whichever of qk and v is wider: zeros
+        # appended to q and k add nothing to their dot products, zeros appended to v give output columns that
+        # are dropped; the scale stays qk's.
+        width = max(self.nope + self.rope, self.vdim)
+        q = _widen(torch.cat([q_nope, q_rope], dim=-1), width).transpose(1, 2)  # [B, H, T, width]
+        k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, self.h, -1)], dim=-1)
+        k = _widen(k, width).transpose(1, 2)  # [B, H, P, width]
+        v = _widen(v, width).transpose(1, 2)  # [B, H, P, width]
         if start == 0:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
@@ -169,11 +184,12 @@ class DecoderLayer(nn.Module):
 
     def decode(self, x: torch.Tensor, cos_sin: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One token per row: x [B, 1, D], pos [B]. Kept separate so it can be compiled on its own."""
-        a = self.self_attn.decode(self.input_layernorm(x), cos_sin, cache, pos)
+        a = self.self_attn.decode(self.input_layernorm.decode(x), cos_sin, cache, pos)
         if isinstance(self.mlp, MoE) and self.mlp.decode_kernels_ok(x):
             return self.mlp.decode_residual(x, a, self.post_attention_layernorm)  # the add and norm in a kernel
         x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm.decode(x)
+        return x + (self.mlp.decode(h) if isinstance(self.mlp, MLP) else self.mlp(h))
 
 
 class DecoderStack(nn.Module):
@@ -215,6 +231,8 @@ class LanguageModel(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [..., D] -> float32 logits [..., V]"""
+        if kernels.gemv_ok(h, self.lm_head.weight):  # a decode step's rows: batch-invariant kernels
+            return kernels.gemv(self.model.norm.decode(h), self.lm_head.weight, float_out=True)
         return self.lm_head(self.model.norm(h)).float()
 
     def prefill(self, embeds: torch.Tensor, cache: torch.Tensor, start: int = 0) -> torch.Tensor:

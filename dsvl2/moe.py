@@ -8,8 +8,9 @@ that mapping once, for the loader.
 
 Routing (as upstream): gate logits in float32, softmax over all experts, top-k, weights not
 renormalised, routed scaling 1.0; the weighted sum is taken in float32. The shared experts are one
-wider MLP applied to every token. At decode time on CUDA the whole block runs as ``kernels.moe_decode``; for
-more tokens (prefill) the grouped products are ``grouped_gemm.grouped_mm`` on CUDA.
+wider MLP applied to every token. At decode time on CUDA the whole block runs as ``moe_kernels.moe_decode`` (and
+the dense MLP through ``kernels.gemv``), batch invariant; for more tokens (prefill) the grouped products are
+``grouped_gemm.grouped_mm`` on CUDA.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import grouped_gemm, kernels
+from . import grouped_gemm, kernels, moe_kernels
 from .config import LanguageConfig
 
 # checkpoint sub-key of one expert -> (stacked parameter, row offset in units of the expert width)
@@ -59,6 +60,15 @@ class MLP(nn.Module):
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
 
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` of one token per row: on CUDA both products through ``kernels.gemv``, so that a row's result
+        does not depend on the batch (cuBLAS picks its reduction by the number of rows). x [..., D] -> [..., D]"""
+        down = self.down_proj.weight
+        if not (self.gate_up.numel() and kernels.gemv_ok(x, self.gate_up) and kernels.gemv_ok(x, down)):
+            return self(x)
+        gate, up = kernels.gemv(x, self.gate_up).chunk(2, dim=-1)
+        return kernels.gemv(F.silu(gate) * up, down)
+
 
 class Experts(nn.Module):
     """The routed experts of one layer, stacked."""
@@ -72,7 +82,7 @@ class Experts(nn.Module):
 
 class MoE(nn.Module):
     # "grouped": the fast path: sort token-expert pairs and run grouped matrix products, or on CUDA for
-    # a few tokens (decode) the Triton matrix-vector kernels; both are free of host synchronisation.
+    # decode the Triton kernels of ``moe_kernels``; both are free of host synchronisation.
     # "loop": one expert at a time, as the research code does (the plain path the tests compare to).
     impl: str = "grouped"
 
@@ -89,9 +99,9 @@ class MoE(nn.Module):
         return torch.topk(scores, self.top_k, dim=-1, sorted=False)
 
     def decode_kernels_ok(self, x: torch.Tensor) -> bool:
-        """Whether x's tokens (a few: decode) run through the fused decode kernels."""
+        """Whether x's tokens (up to MAX_DECODE_TOKENS: decode) run through the fused decode kernels."""
         return (self.impl == "grouped" and kernels.available(x) and self.shared_experts.gate_up.numel() > 0
-                and kernels.moe_decode_ok(x.numel() // x.shape[-1], self.top_k, x.shape[-1]))
+                and moe_kernels.moe_decode_ok(x.numel() // x.shape[-1], x.shape[-1], self.experts.hidden))
 
     def _expert_weights(self) -> tuple[torch.Tensor, ...]:
         return (self.gate.weight, self.experts.w13, self.experts.w2, self.shared_experts.gate_up,
@@ -99,23 +109,30 @@ class MoE(nn.Module):
 
     def _add_slots(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The fused kernels' slot outputs [N, k + shared, D] -> the block's output [N, D] (rounded as the plain
-        path: each sum to the model's dtype, then their sum)."""
-        return y[:, : self.top_k].sum(1).to(dtype) + y[:, self.top_k:].sum(1).to(dtype)
+        path: each sum to the model's dtype, then their sum). Added slot by slot, element-wise: a reduction
+        kernel's order may depend on the number of tokens, an element-wise chain's cannot."""
+        routed, shared = y[:, 0], y[:, self.top_k]
+        for j in range(1, self.top_k):
+            routed = routed + y[:, j]
+        for j in range(self.top_k + 1, y.shape[1]):
+            shared = shared + y[:, j]
+        return routed.to(dtype) + shared.to(dtype)
 
     def decode_residual(self, x: torch.Tensor, a: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-        """h + MoE(norm(h)) with h = x + a, for a few tokens: the residual add and the norm run inside the
-        router kernel (see ``kernels.moe_decode_residual``). x, a [..., D] -> [..., D]"""
+        """h + MoE(norm(h)) with h = x + a, for a decode step's tokens: the residual add and the norm run inside
+        the router kernel (see ``moe_kernels.moe_decode_residual``). x, a [..., D] -> [..., D]"""
         d = x.shape[-1]
-        h, y = kernels.moe_decode_residual(x.reshape(-1, d), a.reshape(-1, d), norm.weight, norm.eps,
-                                           *self._expert_weights(), self.top_k)
+        h, y = moe_kernels.moe_decode_residual(x.reshape(-1, d), a.reshape(-1, d), norm.weight, norm.eps,
+                                               *self._expert_weights(), self.top_k)
         return (h + self._add_slots(y, x.dtype)).view(x.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
-        if self.decode_kernels_ok(x):
-            # Decode: routing, routed and shared experts in three kernels that read only the chosen experts.
-            y = kernels.moe_decode(x, *self._expert_weights(), self.top_k)
+        if self.decode_kernels_ok(x) and x.shape[0] * self.top_k <= kernels.MAX_DECODE_TOKENS:
+            # A few tokens outside decode (at most 64 token-expert pairs; more take the grouped products below):
+            # routing, routed and shared experts in three kernels that read only the chosen experts.
+            y = moe_kernels.moe_decode(x, *self._expert_weights(), self.top_k)
             return self._add_slots(y, x.dtype).view(shape)
         weights, ids = self.route(x)
         if self.impl == "loop":

@@ -4,15 +4,13 @@ bfloat16. Prints JSON."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 from unittest import mock
 
 import torch
-import triton
-import triton.language as tl  # noqa: F401 - must be visible to the jit function below
+from _launch_modes import launch_mode
 
-from dsvl2 import kernels, moe
+from dsvl2 import kernels, moe, moe_kernels
 from dsvl2.config import LanguageConfig
 from dsvl2.language import Attention, DecoderLayer, rope_table
 
@@ -22,23 +20,6 @@ results: dict[str, float] = {}
 
 def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
-@triton.jit
-def _no_op():
-    pass
-
-
-@contextlib.contextmanager
-def launch_mode(pdl: bool):
-    """The kernels as launched with programmatic dependent launch (their whole-row prefetch variants; the
-    grid-dependency instructions themselves are no-ops here) or the ordinary way."""
-    if not pdl:
-        yield
-        return
-    with (mock.patch.object(kernels, "_pdl_args", lambda t: {"USE_PDL": True}),
-          mock.patch.object(kernels, "gdc_wait", _no_op), mock.patch.object(kernels, "gdc_launch_dependents", _no_op)):
-        yield
 
 
 def check_kernels(tag: str) -> None:
@@ -67,7 +48,7 @@ def check_kernels(tag: str) -> None:
         w = (0.05 * torch.randn(1000, 1024)).to(dtype)
         results[f"{tag}gemv_{dtype}"] = rel(kernels.gemv(x, w), torch.nn.functional.linear(x, w))
 
-    counters = kernels._route_counters.values()
+    counters = moe_kernels._route_counters.values()
     results[f"{tag}route_counters_back_to_zero"] = float(all(int(c.abs().sum()) == 0 for c in counters))
 
     # Latent attention: the split-K kernel inside Attention.decode vs the plain matmul-softmax path.

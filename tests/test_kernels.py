@@ -1,5 +1,5 @@
-"""The Triton kernels (decode time; the prefill's grouped expert product) equal the plain paths: run on the CPU
-through Triton's interpreter."""
+"""The Triton kernels (decode time; the prefill's grouped expert product) equal the plain paths, and the decode
+kernels are batch invariant: run on the CPU through Triton's interpreter."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,23 +16,48 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def interpreted(script: str) -> dict[str, float]:
-    """Run one of the tests' kernel scripts under Triton's interpreter -> the JSON it prints last."""
+# name -> script and arguments
+SCRIPTS = {"kernels": ["_interpreted_kernels.py"], "grouped": ["_interpreted_grouped_gemm.py"],
+           "invariance": ["_interpreted_batch_invariance.py", "kernels"],
+           "invariance_model": ["_interpreted_batch_invariance.py", "model"]}
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], dict[str, float]]]:
+    """The tests' kernel scripts under Triton's interpreter, all started at once (side by side on the CPUs):
+    -> name (of SCRIPTS) -> the JSON it printed last."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, str(Path(__file__).parent / script)], env=env,
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    logs = tmp_path_factory.mktemp("interpreted")
+    procs = {}
+    for name, (script, *args) in SCRIPTS.items():  # output to files: a full pipe would stall a script meanwhile
+        with open(logs / f"{name}.out", "w") as out, open(logs / f"{name}.err", "w") as err:
+            procs[name] = subprocess.Popen([sys.executable, str(Path(__file__).parent / script), *args], env=env,
+                                           stdout=out, stderr=err, cwd=ROOT)
+
+    def result(name: str) -> dict[str, float]:
+        assert procs[name].wait(timeout=900) == 0, (logs / f"{name}.err").read_text()[-3000:]
+        return json.loads((logs / f"{name}.out").read_text().strip().splitlines()[-1])
+
+    yield result
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(scope="module")
-def errors() -> dict[str, float]:
-    return interpreted("_interpreted_kernels.py")
+def errors(interpreted: Callable[[str], dict[str, float]]) -> dict[str, float]:
+    return interpreted("kernels")
 
 
 @pytest.fixture(scope="module")
-def grouped_errors() -> dict[str, float]:
-    return interpreted("_interpreted_grouped_gemm.py")
+def invariance(interpreted: Callable[[str], dict[str, float]]) -> dict[str, float]:
+    return {**interpreted("invariance"), **interpreted("invariance_model")}
+
+
+@pytest.fixture(scope="module")
+def grouped_errors(interpreted: Callable[[str], dict[str, float]]) -> dict[str, float]:
+    return interpreted("grouped")
 
 
 # Each check runs twice: as launched the ordinary way ("") and as launched with programmatic dependent launch
@@ -76,6 +102,50 @@ def test_decode_layer_compiles_as_one_graph_around_the_kernels(errors: dict[str,
     assert errors[f"{mode}layer_moe_kernel_path"] == 1.0
     assert errors[f"{mode}layer_fullgraph_float32"] < 1e-5
     assert errors[f"{mode}layer_fullgraph_cache"] < 1e-6  # the cache-writing kernel mutates the cache under compile
+
+
+# Batch invariance (_interpreted_batch_invariance.py): a row's output is the same bits alone, as a row of batches of
+# up to 64 rows, and at another position among other rows. The interpreter rounds float32 to bfloat16 by
+# truncation (the GPU to nearest), so its bf16 results differ from PyTorch's by about one bf16 step throughout.
+
+
+@LAUNCH_MODES
+def test_gemv_is_batch_invariant(invariance: dict[str, float], mode: str) -> None:
+    # Whole rows in registers (with PDL), the wide blocks of large weights (with PDL), and BLOCK_K columns at a time
+    # (without PDL, or K past the whole-row limit: three column blocks, the last ragged).
+    for variant in ("", "wide_", "long_") if mode else ("", "long_"):
+        assert invariance[f"{mode}gemv_{variant}torch.float32_rel"] < 1e-5
+        assert invariance[f"{mode}gemv_{variant}torch.bfloat16_rel"] < 1e-2
+        for dtype in ("torch.float32", "torch.bfloat16"):
+            assert invariance[f"{mode}gemv_{variant}{dtype}_invariant"] == 1.0
+    assert invariance[f"{mode}gemv_float_out"] == 1.0  # float32 out: the model-dtype result, widened
+
+
+@LAUNCH_MODES
+def test_rms_norm_kernel_is_batch_invariant(invariance: dict[str, float], mode: str) -> None:
+    assert invariance[f"{mode}rms_norm_torch.float32_rel"] < 1e-6
+    assert invariance[f"{mode}rms_norm_torch.bfloat16_rel"] < 1e-2
+    for dtype in ("torch.float32", "torch.bfloat16"):
+        assert invariance[f"{mode}rms_norm_{dtype}_invariant"] == 1.0
+
+
+def test_decode_moe_is_batch_invariant(invariance: dict[str, float]) -> None:
+    # The residual add and norm, router, pairs grouped by expert, gate‖up, down and the slot sums, for up to 64
+    # tokens: all on the same two experts (groups of every token), each pair of tokens on experts of their own, and
+    # random routes; float32, against the plain block.
+    for routes in ("collide", "spread", "random"):
+        assert invariance[f"pdl_moe_{routes}_rel"] < 1e-5
+        assert invariance[f"pdl_moe_{routes}_invariant"] == 1.0
+
+
+def test_decode_step_through_the_kernels_is_batch_invariant(invariance: dict[str, float]) -> None:
+    # A tiny model's whole decode step (a dense layer, an MoE layer, the final norm and lm_head; each row at its own
+    # position) through the kernels: each row's float32 logits alone equal its logits in a batch of 7 and at another
+    # position of a batch of 3; and the plain step's within rounding, with the same greedy tokens.
+    assert invariance["pdl_model_kernel_paths"] == 1.0  # attention, MoE, dense MLP, norms and lm_head
+    assert invariance["pdl_model_invariant"] == 1.0
+    assert invariance["pdl_model_rel"] < 1e-5
+    assert invariance["pdl_model_argmax_equal"] == 1.0
 
 
 def test_grouped_mm_equals_a_loop_over_the_experts(grouped_errors: dict[str, float]) -> None:
