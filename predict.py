@@ -14,6 +14,9 @@ Environment:
                  GPU memory left after the weights, at most 64; 1 on the CPU). Predictions beyond it wait.
   DSVL2_STREAM_INTERVAL_MS  after its first text, a prediction's text is sent at most once per this many
                  milliseconds (default 30), whatever came meanwhile in one chunk.
+  DSVL2_BATCH_INVARIANT  `1` (default): a prediction's tokens are the same whatever else is in its batch (seeds
+                 hold under load). `0`: above 8 predictions at once the decode step uses library kernels instead,
+                 faster at large batches but no longer batch invariant (BENCHMARKS.md has both).
   COG_MAX_CONCURRENCY  coglet's prediction slots (read by coglet when the server starts; cog.yaml's
                  `concurrency.max` in a built image): predictions beyond it get HTTP 409.
   DSVL2_ALLOW_LOCAL_FILES  `1` lets HTTP clients name image files on the server's disk by path, for trusted
@@ -130,7 +133,8 @@ class Runner(BaseRunner):
                 # compilation CPU-bound); the warm-up's final step waits for the load to finish.
                 self.engine = Engine.from_pretrained(checkpoint, device=device, dtype=dtype, log=log,
                                                      background_load=device == "cuda", slots=batch_slots(),
-                                                     stream_interval=stream_interval())
+                                                     stream_interval=stream_interval(),
+                                                     batch_invariant=batch_invariant())
             with timed("warm-up"):
                 self.engine.warmup()
         except CheckpointError as e:
@@ -223,7 +227,8 @@ class Runner(BaseRunner):
             s = request.stats
             log(f"prediction: {s.prompt_tokens} prompt tokens (inputs {1e3 * prepare_s:.0f} ms, waited "
                 f"{1e3 * s.queued_s:.0f} ms to start, prefill {1e3 * s.prefill_s:.0f} ms), {s.output_tokens} tokens "
-                f"at {s.tokens_per_second:.1f}/s (longest pause {1e3 * s.max_gap_s:.0f} ms), "
+                f"at {s.tokens_per_second:.1f}/s (first text with token {s.first_text_tokens}, longest pause "
+                f"{1e3 * s.max_gap_s:.0f} ms), "
                 f"{s.finish_reason or 'stopped'}")
 
 
@@ -243,6 +248,13 @@ def batch_slots() -> int | None:
     if not raw.isdigit() or not 1 <= int(raw) <= 64:
         raise RuntimeError(f"{BATCH_ENV}={raw!r} is not supported: use an integer from 1 to 64, or leave it unset")
     return int(raw)
+
+
+def batch_invariant() -> bool:
+    raw = os.environ.get("DSVL2_BATCH_INVARIANT", "1").strip()
+    if raw not in ("0", "1"):
+        raise RuntimeError(f"DSVL2_BATCH_INVARIANT={raw!r} is not supported: use 1 (default) or 0")
+    return raw == "1"
 
 
 def stream_interval() -> float:

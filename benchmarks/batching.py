@@ -158,19 +158,22 @@ def inproc(args, res: dict) -> None:
     t0 = time.perf_counter()
     engine = Engine.from_pretrained(args.ckpt, dev, torch.bfloat16 if dev == "cuda" else torch.float32,
                                     log=lambda s: print(s, flush=True), background_load=dev == "cuda",
-                                    slots=args.slots)
+                                    slots=args.slots, batch_invariant=not args.no_invariant)
     engine.warmup()
-    res.update(setup_s=round(time.perf_counter() - t0, 1), slots=engine.slots,
+    res.update(setup_s=round(time.perf_counter() - t0, 1), slots=engine.slots, batch_invariant=not args.no_invariant,
                eager_fallbacks=vars(engine.runner.fallbacks))
     images = [picture(i) for i in range(8)]
     tt, rates = [], {"greedy": [], "sampled": []}
-    for _ in range(7):
+    for _ in range(0 if "batch1" in args.skip else 7):
         r = engine.prepare(PROMPT, [images[0]], GREEDY, 1)
         engine.generate(r)
         tt.append(r.stats.time_to_first_token_s)
-    res["prompt_tokens"] = r.stats.prompt_tokens
-    res["batch1_ttft_ms"] = round(1e3 * statistics.median(tt), 1)
+    if tt:
+        res["prompt_tokens"] = r.stats.prompt_tokens
+        res["batch1_ttft_ms"] = round(1e3 * statistics.median(tt), 1)
     for name, params in (("greedy", GREEDY), ("sampled", SamplingParams(**{**vars(DEFAULT), "seed": 0}))):
+        if "batch1" in args.skip:
+            break
         for _ in range(3):
             r = engine.prepare(PROMPT, [images[0]], params, args.decode_tokens)
             engine.generate(r)
@@ -184,17 +187,20 @@ def inproc(args, res: dict) -> None:
     # The longest prefill a running stream can wait for (one runs between two decode steps): a prompt that fills
     # the context (a 3x3-tiled image and text).
     big = Image.radial_gradient("L").resize((1152, 1152)).convert("RGB")
-    words = "Describe every detail of the picture please. " * 200
-    n = len(words)
-    while engine.processor.encode("<image>\n" + words[:n], [big]).input_ids.numel() >= engine.context - 8:
-        n -= 100
-    long_prompt = "<image>\n" + words[:n]
-    longest = []
-    for _ in range(3):
-        r = engine.prepare(long_prompt, [big], GREEDY, 1)
-        engine.generate(r)
-        longest.append(r.stats.prefill_s)
-    res["longest_prefill"] = {"prompt_tokens": r.stats.prompt_tokens, "ms": round(1e3 * min(longest), 1)}
+    if "longest" not in args.skip:
+        words = "Describe every detail of the picture please. " * 200
+        n = len(words)
+        while engine.processor.encode("<image>\n" + words[:n], [big]).input_ids.numel() >= engine.context - 8:
+            n -= 100
+        long_prompt = "<image>\n" + words[:n]
+        longest = []
+        for _ in range(3):
+            r = engine.prepare(long_prompt, [big], GREEDY, 1)
+            engine.generate(r)
+            longest.append(r.stats.prefill_s)
+        res["longest_prefill"] = {"prompt_tokens": r.stats.prompt_tokens, "ms": round(1e3 * min(longest), 1)}
+    if "closed" in args.skip:
+        return
     res["closed_loop_inproc"] = [closed_loop_inproc(engine, c, args.per_client, args.new_tokens, images)
                                  for c in args.clients]
     if dev == "cuda":
@@ -337,6 +343,9 @@ def main() -> None:
     ap.add_argument("--invariance", type=int, default=64)
     ap.add_argument("--invariance-tokens", type=int, default=128)
     ap.add_argument("--files", choices=["url", "data"], default="url", help="http: how the images are sent")
+    ap.add_argument("--no-invariant", action="store_true", help="library kernels above 8 rows (not batch invariant)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["batch1", "longest", "closed"],
+                    help="inproc: parts left out")
     args = ap.parse_args()
     res: dict = {"mode": args.mode, "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
                  "python": platform.python_version(), "command": " ".join(sys.argv)}

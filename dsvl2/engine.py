@@ -67,7 +67,7 @@ class Engine:
 
     def __init__(self, model: DeepseekVL2, processor: Processor, log: Callable[[str], None] = print,
                  cuda_graphs: bool | None = None, compile: bool | None = None, slots: int | None = None,
-                 stream_interval: float = 0.03) -> None:
+                 stream_interval: float = 0.03, batch_invariant: bool = True) -> None:
         self.model = model
         self.processor = processor
         self.log = log
@@ -76,6 +76,7 @@ class Engine:
         self.eos_id = processor.eos_id
         self.use_compile = self.device.type == "cuda" if compile is None else compile
         self.stream_interval = stream_interval
+        kernels.set_invariant_rows(batch_invariant)  # process-wide: the decode kernels' row limit (see there)
         self.slots = self._choose_slots(slots)
         self.runner = Runner(model, self.slots, log, cuda_graphs)
         drop = {processor.bos_id, self.eos_id, processor.pad_id}

@@ -361,6 +361,16 @@ def _(o_lat, kv_b, nope):
 
 
 MAX_DECODE_TOKENS = 64  # rows of a decode step the kernels take (the engine's largest batch)
+# How many rows the decode kernels take before library kernels (cuBLAS, the grouped GEMM) do the work: all of them
+# (batch invariant: a request's tokens do not depend on what shares its batch), or 8 (``set_invariant_rows(False)``:
+# faster above 8 rows, where the kernels' per-row arithmetic on CUDA cores costs more than the library's tensor
+# cores; BENCHMARKS.md has both). Process-wide: set by the engine at construction.
+INVARIANT_ROWS = MAX_DECODE_TOKENS
+
+
+def set_invariant_rows(invariant: bool) -> None:
+    global INVARIANT_ROWS
+    INVARIANT_ROWS = MAX_DECODE_TOKENS if invariant else 8
 
 if triton is not None:
 
@@ -469,7 +479,7 @@ def gemv_config(n: int, k: int, pdl: bool) -> tuple[bool, int, int, int]:
 
 def gemv_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Up to MAX_DECODE_TOKENS rows of x (CUDA) times a contiguous matrix of x's dtype: the matrix-vector kernel."""
-    return (available(x) and x.numel() // x.shape[-1] <= MAX_DECODE_TOKENS and w.dim() == 2 and w.is_contiguous()
+    return (available(x) and x.numel() // x.shape[-1] <= INVARIANT_ROWS and w.dim() == 2 and w.is_contiguous()
             and w.dtype == x.dtype)
 
 

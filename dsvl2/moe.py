@@ -161,8 +161,12 @@ def grouped_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, e
         h = torch._grouped_mm(x[token], experts.w13.transpose(1, 2), offs=offs)  # [N*k, 2I]
         gate, up = h.split(experts.hidden, dim=-1)
         y = torch._grouped_mm(F.silu(gate) * up, experts.w2.transpose(1, 2), offs=offs)  # [N*k, D]
+    # Back to (token, slot) order, then each token's k products added in slot order: deterministic (an index_add_
+    # would add them with atomics, in whatever order they land, and a prompt's cache would differ run to run).
     y = y.float() * weights.flatten()[order, None]
-    return torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, token, y).to(x.dtype)
+    unsorted = torch.empty_like(y)
+    unsorted[order] = y
+    return unsorted.view(n, k, -1).sum(1).to(x.dtype)
 
 
 def looped_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: Experts) -> torch.Tensor:

@@ -223,7 +223,7 @@ _route_counters: dict[torch.device, torch.Tensor] = {}
 
 def moe_decode_ok(n_tokens: int, dim: int, hidden: int) -> bool:
     """Shapes the fused decode MoE handles: up to MAX_DECODE_TOKENS tokens, rows it can hold whole."""
-    return triton is not None and n_tokens <= MAX_DECODE_TOKENS and dim <= MAX_WIDTH and hidden <= MAX_WIDTH
+    return triton is not None and n_tokens <= kernels.INVARIANT_ROWS and dim <= MAX_WIDTH and hidden <= MAX_WIDTH
 
 
 def _route_counter(device: torch.device) -> torch.Tensor:

@@ -47,6 +47,7 @@ class GenerationStats:
     queued_s: float = 0.0  # from the hand-over to the start of its prefill (other prefills, a free row)
     prefill_s: float = 0.0
     max_gap_s: float = 0.0  # the longest wait between two of its tokens (other requests' prefills included)
+    first_text_tokens: int = 0  # tokens until the first text (a character split over tokens waits for the rest)
 
 
 @dataclass
@@ -215,6 +216,7 @@ class Scheduler:
             stats.tokens_per_second = (n - 1) / (now - a.first_at)
         text = a.decoder.push(token)
         if text:
+            stats.first_text_tokens = stats.first_text_tokens or n
             a.out.put(text)
         if n >= a.req.max_new_tokens:
             self._finish(a, "length")
