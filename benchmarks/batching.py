@@ -67,15 +67,20 @@ def variety(i: int) -> SamplingParams:
     return kinds[i % len(kinds)]
 
 
-def generate_all(engine: Engine, reqs: list) -> float:
-    """Run the requests side by side (a thread each, as coglet does) -> wall time."""
-    threads = [threading.Thread(target=engine.generate, args=(r,)) for r in reqs]
+def run_clients(client, n: int) -> float:
+    """client(0) ... client(n - 1) side by side, a thread each -> wall time."""
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(n)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     return time.perf_counter() - t0
+
+
+def generate_all(engine: Engine, reqs: list) -> float:
+    """Run the requests side by side (a thread each, as coglet does) -> wall time."""
+    return run_clients(lambda i: engine.generate(reqs[i]), len(reqs))
 
 
 def steady_state(engine: Engine, streams: int, window_s: float, images: list) -> dict:
@@ -113,13 +118,7 @@ def closed_loop_inproc(engine: Engine, clients: int, per_client: int, new_tokens
                 tokens.append(req.stats.output_tokens)
                 gaps.append(req.stats.max_gap_s)
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_clients(client, clients)
     out = summary(clients, wall, tokens, ttfts)
     out.update(longest_pause_ms_p50=round(1e3 * pct(gaps, 0.5), 1), longest_pause_ms_max=round(1e3 * max(gaps), 1))
     return out
@@ -312,13 +311,7 @@ def closed_loop_http(url: str, clients: int, per_client: int, new_tokens: int, u
                 tokens.append(final["metrics"]["output_token_count"])
                 server_ttfts.append(final["metrics"].get("time_to_first_token", 0.0))
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_clients(client, clients)
     out = summary(clients, wall, tokens, ttfts)
     out.update(sse_output_events=events[0], sse_events_s=round(events[0] / wall, 1), errors=errors[:3],
                failed=len(errors), server_ttft_p50_ms=round(1e3 * pct(server_ttfts, 0.5), 1),

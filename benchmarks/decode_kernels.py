@@ -35,6 +35,9 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_timing import replay_ms  # noqa: E402
+
 from dsvl2 import kernels, moe_kernels  # noqa: E402
 from dsvl2.language import LanguageModel  # noqa: E402
 from dsvl2.moe import MoE  # noqa: E402
@@ -61,17 +64,6 @@ def capture(fn: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch
     with torch.cuda.graph(graph):
         out = fn()
     return graph, out
-
-
-def replay_ms(graph: torch.cuda.CUDAGraph, reps: int = 50) -> float:
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def graph_us(fn: Callable[[], object]) -> float:

@@ -77,6 +77,13 @@ class SSE:
         return next(d["id"] for _, k, d in self.events if k == "start")
 
 
+def wait_streaming(streams: list[SSE], timeout_s: float = 60) -> None:
+    """Until every stream has had text (or the timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not all(s.times("output") for s in streams):
+        time.sleep(0.02)
+
+
 def _inputs(prompt: str, n: int, **extra) -> dict:
     return {"image": IMAGE, "prompt": prompt, "max_length_tokens": n, "temperature": 0, **extra}
 
@@ -118,9 +125,7 @@ def test_a_request_beyond_the_slots_gets_409_and_the_others_finish(server: Serve
     time.sleep(0.2)
     t0 = time.monotonic()
     running = [SSE(server, _inputs("Tell a long story.", 300), t0) for _ in range(SLOTS)]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not all(s.times("output") for s in running):
-        time.sleep(0.02)
+    wait_streaming(running)
     extra = requests.post(f"{server.url}/predictions", json={"input": _inputs("Hi", 3)}, timeout=30)
     assert extra.status_code == 409, extra.text
     for s in running:
@@ -132,9 +137,7 @@ def test_cancelling_one_prediction_leaves_the_others_streaming(server: Server) -
     time.sleep(0.2)
     t0 = time.monotonic()
     streams = [SSE(server, _inputs("Tell a long story.", 200), t0) for _ in range(SLOTS)]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not all(s.times("output") for s in streams):
-        time.sleep(0.02)
+    wait_streaming(streams)
     victim = streams[0]
     r = requests.post(f"{server.url}/predictions/{victim.id}/cancel", timeout=30)
     cancelled_at = time.monotonic() - t0
