@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import compile_bundle, kernels, loader, prefetch
+from . import compile_bundle, gpus, kernels, loader, prefetch
 from .compilation import import_compiler, quick_autotune, start_compile_workers
 from .config import ModelConfig
 from .detokenize import StreamDecoder
@@ -95,7 +95,8 @@ class Engine:
             return slots
         if self.device.type != "cuda":
             return 1
-        free, total = torch.cuda.mem_get_info(self.device)
+        # The free memory, or an emulated GPU's (DSVL2_EMULATE_GPU: the service sized as on an L40S or an A100).
+        free, total = gpus.usable_memory(self.device), gpus.profile(self.device).total_memory
         fit = fitting_slots(self.model.cfg, self.model.dtype, free)
         if fit < 1:
             raise RuntimeError(

@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from . import kernels
+from . import gpus, kernels
 
 try:
     import triton
@@ -156,17 +156,26 @@ def _config(silu_pairs: bool, overrides: dict[str, int | bool | None]) -> dict[s
 
 def grouped_mm_ok(x: torch.Tensor, w: torch.Tensor, *, silu_pairs: bool = False) -> bool:
     """Whether ``grouped_mm`` runs for input rows like x (device, dtype) and the stacked weights w [E, N, K] with
-    the call site's default blocks: CUDA (see ``kernels.available``) with Triton, bf16 or fp16, and N, K multiples
-    of the blocks (the kernel does not mask columns or the reduction), on Hopper or later."""
+    the call site's default blocks: CUDA (see ``kernels.available``) with Triton, bf16 or fp16, N, K multiples
+    of the blocks (the kernel does not mask columns or the reduction), and the blocks' pipeline fitting in the
+    GPU's shared memory (an H100/H200, not an A100 or L40S: ``gpus``)."""
     cfg = CONFIGS[_site(silu_pairs)]
     return (kernels.available(x) and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype
             and w.dim() == 3 and w.is_contiguous() and w.shape[2] % cfg["block_k"] == 0
-            and w.shape[1] % cfg["block_n"] == 0 and cfg["block_n"] % 2 == 0 and _hopper(x))
+            and w.shape[1] % cfg["block_n"] == 0 and cfg["block_n"] % 2 == 0
+            and (_interpreted() or shared_memory(cfg, x.dtype.itemsize) <= gpus.shared_memory_optin(x.device)))
+
+
+def shared_memory(cfg: dict[str, int | bool], element_size: int) -> int:
+    """Bytes of shared memory the config's main loop pipelines: num_stages buffers of an x tile [BLOCK_M, BLOCK_K]
+    and a weight tile [BLOCK_N, BLOCK_K] (gate and up halves together). Triton adds a little (barriers, the
+    epilogue's layout conversion reuses these buffers) and decides the real figure at compile time; the default
+    tiles need 192 KB: an H100/H200 (227 KB) launches them, an A100 (163 KB) or L40S (99 KB) could not."""
+    return (cfg["block_m"] + cfg["block_n"]) * cfg["block_k"] * element_size * cfg["num_stages"]
 
 
 def _hopper(x: torch.Tensor) -> bool:
-    """Whether x's GPU is sm90 or later (or the interpreter runs the kernel): the default tiles' pipeline needs
-    about 196 KB of shared memory per block, which an sm80 GPU (164 KB) cannot launch."""
+    """Whether x's GPU is sm90 or later (or the interpreter runs the kernel): tiles through the TMA."""
     return _interpreted() or kernels.sm90_or_later(x.device)
 
 

@@ -36,6 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from . import gpus
+
 try:
     import triton
     import triton.language as tl
@@ -131,8 +133,8 @@ def _launch_pdl_supported() -> bool:
 
 
 def sm90_or_later(device: torch.device) -> bool:
-    """Whether a CUDA device is Hopper (sm90) or later."""
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    """Whether a CUDA device is Hopper (sm90) or later (or emulates one: ``gpus``)."""
+    return gpus.capability(device) >= (9, 0)
 
 
 def use_pdl(x: torch.Tensor) -> bool:
