@@ -105,9 +105,9 @@ class Scheduler:
         inflight = None  # (rows of the launched step, host slot, event)
         k = 0
         while True:
-            self._take_incoming(block=not self.rows and not self.waiting and inflight is None)
-            self._admit(inflight is not None or bool(self.rows))
             try:
+                self._take_incoming(block=not self.rows and not self.waiting and inflight is None)
+                self._admit(inflight is not None or bool(self.rows))
                 launched = None
                 if self.rows:
                     launched = self._launch(host, k % 2)
@@ -115,12 +115,15 @@ class Scheduler:
                 if inflight is not None:
                     self._collect(host, *inflight)
                 inflight = launched
-            except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the service
+                self._release()
+            except Exception as e:  # noqa: BLE001 - a failed step fails its requests, never the loop
                 inflight = None
                 for a in self.rows:
                     if not a.done:
                         self._fail(a, e)
-            self._release()
+                for i in range(len(self.rows)):
+                    self.runner.clear_row(i)
+                self.rows.clear()
 
     def _take_incoming(self, block: bool) -> None:
         try:

@@ -163,3 +163,20 @@ def test_slots_must_be_sane(tiny_checkpoint: Path) -> None:
     for bad in (0, 65, 2.0, True):
         with pytest.raises(ValueError, match="slots must be an integer from 1 to 64"):
             Engine.from_pretrained(tiny_checkpoint, "cpu", torch.float32, log=lambda s: None, slots=bad)
+
+
+def test_a_failing_step_fails_its_requests_and_the_loop_serves_on(engine: Engine,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    expected = _alone(engine, CASES[0])
+    real = engine.runner.step
+
+    def broken(mode, rows):
+        raise RuntimeError("simulated step failure")
+
+    monkeypatch.setattr(engine.runner, "step", broken)
+    req = _request(engine, (GREEDY, (96, 64), "Tell a long story.", 50))
+    with pytest.raises(RuntimeError, match="simulated step failure"):
+        engine.generate(req)
+    assert req.stats.finish_reason == "error"
+    monkeypatch.setattr(engine.runner, "step", real)
+    assert _alone(engine, CASES[0]) == expected
