@@ -305,3 +305,26 @@ def test_precompile_reports_a_failed_compilation() -> None:
     with pytest.raises(RuntimeError, match="ptxas"):
         kernels.precompile(lambda: kernels.launch(k, (1,), torch.zeros(2)), torch.device("cpu"))
     assert not k.ran
+
+
+def test_decode_step_on_other_checkpoint_shapes_equals_the_plain_step(tmp_path: Path) -> None:
+    # A tiny model's float32 decode step through the kernels vs the plain step, on shapes other than the small
+    # model's: v wider than the no-rope part of q·k and narrower, a 32-wide rotary part, one shared expert, top-k of
+    # all the experts; and 3 heads, which the attention gate refuses: plain attention then, the same result.
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    cases = ["v_wider", "nope_wider", "rope32", "one_shared", "topk_all", "heads3"]
+    procs = {}
+    for i, group in enumerate((cases[0::2], cases[1::2])):  # two processes side by side on the CPUs
+        with open(tmp_path / f"{i}.out", "w") as out, open(tmp_path / f"{i}.err", "w") as err:
+            procs[i] = subprocess.Popen([sys.executable, str(Path(__file__).parent / "_interpreted_shapes.py"),
+                                         *group], env=env, stdout=out, stderr=err, cwd=ROOT)
+    errors: dict[str, float] = {}
+    for i, proc in procs.items():
+        assert proc.wait(timeout=900) == 0, (tmp_path / f"{i}.err").read_text()[-3000:]
+        errors.update(json.loads((tmp_path / f"{i}.out").read_text().strip().splitlines()[-1]))
+    for case in cases:
+        assert errors[f"{case}_attention_kernel"] == float(case != "heads3")
+        assert errors[f"{case}_moe_kernel"] == 1.0 and errors[f"{case}_gemv_kernel"] == 1.0
+        assert errors[f"{case}_rel"] < 1e-5, case
+        assert errors[f"{case}_argmax_equal"] == 1.0, case
+        assert errors[f"{case}_cache_rel"] < 1e-5, case
