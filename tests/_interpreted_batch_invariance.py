@@ -17,11 +17,11 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
-from _launch_modes import launch_mode
+from _launch_modes import launch_mode, random_language_model
 
 from dsvl2 import kernels, moe
 from dsvl2.config import LanguageConfig
-from dsvl2.language import LanguageModel, RMSNorm
+from dsvl2.language import RMSNorm
 
 torch.manual_seed(0)
 results: dict[str, float] = {}
@@ -122,13 +122,7 @@ def check_model(tag: str) -> None:
                          num_hidden_layers=2, num_attention_heads=16, n_routed_experts=8, num_experts_per_tok=2,
                          n_shared_experts=2, kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
                          max_position_embeddings=48)
-    lm = LanguageModel(cfg)
-    for name, p in lm.named_parameters():
-        p.data.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name else 0.08)
-    for module in lm.modules():
-        if hasattr(module, "fuse"):
-            module.fuse()
-    lm.init_buffers()
+    lm = random_language_model(cfg)
     rows = 7
     tokens = torch.randint(0, cfg.vocab_size, (rows,))
     pos = torch.randint(0, 48, (rows,))

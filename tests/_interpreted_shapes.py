@@ -10,10 +10,10 @@ import sys
 from unittest import mock
 
 import torch
+from _launch_modes import random_language_model
 
 from dsvl2 import kernels
 from dsvl2.config import LanguageConfig
-from dsvl2.language import LanguageModel
 
 torch.manual_seed(0)
 results: dict[str, float] = {}
@@ -32,13 +32,7 @@ def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 def check(name: str, overrides: dict) -> None:
     cfg = LanguageConfig(**{**BASE, **overrides})
-    lm = LanguageModel(cfg)
-    for pname, p in lm.named_parameters():
-        p.data.normal_(1.0 if "norm" in pname else 0.0, 0.1 if "norm" in pname else 0.08)
-    for module in lm.modules():
-        if hasattr(module, "fuse"):
-            module.fuse()
-    lm.init_buffers()
+    lm = random_language_model(cfg)
     rows = 3
     tokens = torch.randint(0, cfg.vocab_size, (rows,))
     pos = torch.tensor([0, 5, 47])

@@ -1,4 +1,5 @@
-"""Shared by the interpreted kernel scripts: the kernels as launched with programmatic dependent launch or not."""
+"""Shared by the interpreted kernel scripts: the kernels as launched with programmatic dependent launch or not, and a
+random tiny language model."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import triton
 import triton.language as tl  # noqa: F401 - must be visible to the jit function below
 
 from dsvl2 import kernels, moe_kernels
+from dsvl2.config import LanguageConfig
+from dsvl2.language import LanguageModel
 
 
 @triton.jit
@@ -29,3 +32,15 @@ def launch_mode(pdl: bool):
             patches.enter_context(mock.patch.object(module, "gdc_wait", _no_op))
             patches.enter_context(mock.patch.object(module, "gdc_launch_dependents", _no_op))
         yield
+
+
+def random_language_model(cfg: LanguageConfig) -> LanguageModel:
+    """A float32 language model of ``cfg`` with random weights (norm weights near 1), fused, its rotary table built."""
+    lm = LanguageModel(cfg)
+    for name, p in lm.named_parameters():
+        p.data.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name else 0.08)
+    for module in lm.modules():
+        if hasattr(module, "fuse"):
+            module.fuse()
+    lm.init_buffers()
+    return lm
