@@ -31,6 +31,7 @@ from .runner import MODES, Runner, sampler_mode
 from .sampling import RequestRng
 
 _END = object()
+IDLE_EXIT_S = 10.0  # the scheduler thread ends after this long with nothing to do
 
 
 class QueueFull(RuntimeError):
@@ -89,11 +90,11 @@ class Scheduler:
             raise QueueFull(f"{self.max_waiting} requests are already waiting; try again later")
         mode = sampler_mode(req.params)
         item = Active(req, cancel, queue.SimpleQueue(), self.make_decoder(), mode)
-        with self._lock:
+        with self._lock:  # the loop leaves only under this lock, with nothing queued (see _take_incoming)
+            self.incoming.put(item)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="dsvl2-scheduler", daemon=True)
                 self._thread.start()
-        self.incoming.put(item)
         return item
 
     # ---- the loop ----
@@ -106,7 +107,8 @@ class Scheduler:
         k = 0
         while True:
             try:
-                self._take_incoming(block=not self.rows and not self.waiting and inflight is None)
+                if not self._take_incoming(block=not self.rows and not self.waiting and inflight is None):
+                    return  # idle: the thread ends (the next submit starts another)
                 self._admit(inflight is not None or bool(self.rows))
                 launched = None
                 if self.rows:
@@ -125,17 +127,24 @@ class Scheduler:
                     self.runner.clear_row(i)
                 self.rows.clear()
 
-    def _take_incoming(self, block: bool) -> None:
+    def _take_incoming(self, block: bool) -> bool:
+        """Move new requests to the waiting list; False when the loop has been idle for IDLE_EXIT_S and ends."""
+        got = False
         try:
-            item = self.incoming.get(block=block, timeout=None)
-            self.waiting.append(item)
+            self.waiting.append(self.incoming.get(block=block, timeout=IDLE_EXIT_S if block else None))
+            got = True
             while True:
                 self.waiting.append(self.incoming.get_nowait())
         except queue.Empty:
-            pass
+            if block and not got:
+                with self._lock:
+                    if self.incoming.empty():
+                        self._thread = None
+                        return False
         for a in [a for a in self.waiting if a.cancel.is_set()]:
             self.waiting.remove(a)
             self._finish(a, "cancelled")
+        return True
 
     def _admit(self, busy: bool) -> None:
         """Prefill waiting requests into free rows: one when others are decoding, else all that fit."""

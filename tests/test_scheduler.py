@@ -180,3 +180,18 @@ def test_a_failing_step_fails_its_requests_and_the_loop_serves_on(engine: Engine
     assert req.stats.finish_reason == "error"
     monkeypatch.setattr(engine.runner, "step", real)
     assert _alone(engine, CASES[0]) == expected
+
+
+def test_an_idle_scheduler_thread_ends_and_the_next_request_starts_another(engine: Engine,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import dsvl2.scheduler
+
+    expected = _alone(engine, CASES[0])
+    monkeypatch.setattr(dsvl2.scheduler, "IDLE_EXIT_S", 0.05)
+    _alone(engine, CASES[3])  # the loop now waits 0.05 s for more work, then ends
+    for _ in range(200):
+        if engine.scheduler._thread is None:
+            break
+        threading.Event().wait(0.01)
+    assert engine.scheduler._thread is None
+    assert _alone(engine, CASES[0]) == expected
