@@ -38,7 +38,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dsvl2.engine import Engine  # noqa: E402
+from dsvl2.engine import Engine, EngineConfig  # noqa: E402
 from dsvl2.sampling import SamplingParams  # noqa: E402
 from dsvl2.tiny import build_random_checkpoint  # noqa: E402
 
@@ -155,10 +155,8 @@ def invariance(engine: Engine, n: int, new_tokens: int, images: list) -> dict:
 def inproc(args, res: dict) -> None:
     dev = args.device
     t0 = time.perf_counter()
-    engine = Engine.from_pretrained(args.ckpt, dev, torch.bfloat16 if dev == "cuda" else torch.float32,
-                                    log=lambda s: print(s, flush=True), background_load=dev == "cuda",
-                                    slots=args.slots, batch_invariant=not args.no_invariant)
-    engine.warmup()
+    config = EngineConfig(device=dev, slots=args.slots, batch_invariant=not args.no_invariant, warmup=True)
+    engine = Engine.from_pretrained(args.ckpt, config, log=lambda s: print(s, flush=True))
     res.update(setup_s=round(time.perf_counter() - t0, 1), slots=engine.slots, batch_invariant=not args.no_invariant,
                eager_fallbacks=vars(engine.runner.fallbacks))
     images = [picture(i) for i in range(8)]

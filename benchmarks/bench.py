@@ -28,7 +28,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dsvl2 import kernels  # noqa: E402
-from dsvl2.engine import Engine, set_moe_impl  # noqa: E402
+from dsvl2.engine import Engine, EngineConfig, set_moe_impl  # noqa: E402
 from dsvl2.sampling import SamplingParams  # noqa: E402
 from dsvl2.tiny import build_random_checkpoint  # noqa: E402
 
@@ -138,7 +138,8 @@ def main() -> None:
     res["checkpoint_gb"] = round(sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) / 1e9, 2)
 
     t0 = time.perf_counter()
-    engine = Engine.from_pretrained(ckpt, dev, dtype, log=lambda s: print(s, flush=True))
+    engine = Engine.from_pretrained(ckpt, EngineConfig(device=dev, dtype=dtype, background_load=False),
+                                    log=lambda s: print(s, flush=True))
     sync(dev)
     res["load_s"] = round(time.perf_counter() - t0, 1)
     res["params_b"] = round(sum(p.numel() for p in engine.model.parameters()) / 1e9, 3)

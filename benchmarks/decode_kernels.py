@@ -14,8 +14,9 @@ up front; for each batch size B the first B rows are decoded:
   plain step (eager, no kernels, experts in a loop): how many argmaxes agree, and the largest margin by which
   the plain step prefers another token where they do not.
 
-``--sweep`` also times the block sizes of the matrix-vector and expert kernels at 1 and 64 rows (graph replays).
-Prints JSON lines (device and versions first); with OUT set, also writes them all to $OUT/decode_kernels.json.
+``--sweep`` also times the tiles of the tensor-core matrix and expert kernels at 1, 8 and 64 rows (graph replays);
+``--cuda-cores`` runs the CUDA-core kernels instead, at every batch size (``kernels.CUDA_CORE_ROWS``).
+Prints JSON lines (device and versions first); with OUT set, also writes them all to $OUT/``--out``.
 """
 
 from __future__ import annotations
@@ -141,30 +142,31 @@ def patched(module: object, name: str, value: object) -> Iterator[None]:
 
 
 def sweep(lm: LanguageModel) -> None:
-    """Microseconds per call (graph replay) at 1 and 64 rows of each kernel's candidate block sizes (and cuBLAS for
-    the linear layers): {kernel: {block sizes: [1 row, 64 rows]}}."""
+    """Microseconds per call (graph replay) at 1, 8 and 64 rows of each tensor-core kernel's candidate tiles
+    (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), and cuBLAS for the linear layers:
+    {kernel: {tiles: [1 row, 8 rows, 64 rows]}}."""
     d = lm.cfg.hidden_size
     attn, dense, block = lm.model.layers[1].self_attn, lm.model.layers[0].mlp, lm.model.layers[1]
     norm = block.post_attention_layernorm
-    pdl = kernels.use_pdl(norm.weight)
+    sizes = (1, 8, ROWS)
     out: dict[str, dict[str, list[float]]] = {}
+    narrow = ((16, 32, 256, 4, 3), (16, 16, 256, 4, 3), (64, 32, 256, 4, 3), (64, 16, 256, 4, 3), (64, 32, 128, 4, 4),
+              (64, 64, 128, 4, 3), (64, 16, 128, 4, 4))
+    wide = ((16, 64, 128, 4, 4), (64, 64, 128, 4, 3), (64, 128, 128, 4, 3), (64, 64, 256, 4, 3), (64, 128, 64, 4, 4),
+            (64, 64, 128, 8, 3))
+    experts = ((16, 32, 128, 4, 4), (16, 32, 128, 4, 3), (16, 16, 128, 4, 3), (16, 32, 256, 4, 2), (16, 64, 128, 4, 2))
     for name, w in (("q_kv_a", attn.q_kv_a), ("o_proj", attn.o_proj.weight), ("lm_head", lm.lm_head.weight),
                     ("dense_gate_up", dense.gate_up), ("dense_down", dense.down_proj.weight)):
-        xs = [torch.randn(b, w.shape[1], device="cuda", dtype=w.dtype) for b in (1, ROWS)]
+        xs = [torch.randn(b, w.shape[1], device="cuda", dtype=w.dtype) for b in sizes]
         times = out[f"gemv_{name}"] = {"cublas": [graph_us(lambda x=x, w=w: F.linear(x, w)) for x in xs]}
-        if kernels.gemv_config(w.shape[0], w.shape[1], pdl)[0]:  # whole rows: (BLOCK_N, num_warps)
-            knob = "GEMV_WIDE_PDL_CONFIG" if w.shape[0] >= kernels.GEMV_WIDE_N else "GEMV_PDL_CONFIG"
-            cfgs = ((2, 2), (4, 2), (4, 4), (8, 4), (16, 8))
-        else:  # the K loop: (BLOCK_N, BLOCK_K, num_warps)
-            knob, cfgs = "GEMV_CONFIG", ((4, 512, 1), (4, 256, 1), (8, 256, 2), (8, 512, 4), (16, 256, 4))
+        knob, cfgs = ("MM_WIDE_CONFIG", wide) if w.shape[0] >= kernels.GEMV_WIDE_N else ("MM_CONFIG", narrow)
         for cfg in cfgs:
             with patched(kernels, knob, cfg):
                 times[str(cfg)] = [graph_us(lambda x=x, w=w: kernels.gemv(x, w)) for x in xs]
-    inputs = [[torch.randn(b, 1, d, device="cuda", dtype=norm.weight.dtype) for _ in range(2)] for b in (1, ROWS)]
-    for knob, cfgs in (("GATE_UP_CONFIG", ((2, 2), (2, 4), (4, 4), (4, 8), (8, 8))),
-                       ("DOWN_CONFIG", ((4, 4), (8, 4), (8, 8), (16, 8)))):
+    inputs = [[torch.randn(b, 1, d, device="cuda", dtype=norm.weight.dtype) for _ in range(2)] for b in sizes]
+    for knob in ("GATE_UP_MMA_CONFIG", "DOWN_MMA_CONFIG"):
         times = out[f"moe_block_{knob}"] = {}
-        for cfg in cfgs:
+        for cfg in experts:
             with patched(moe_kernels, knob, cfg):
                 times[str(cfg)] = [graph_us(lambda x=x, a=a: block.mlp.decode_residual(x, a, norm)) for x, a in inputs]
     emit(sweep_us=out)
@@ -174,9 +176,16 @@ def sweep(lm: LanguageModel) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,8,32,64", help="batch sizes, at most 64")
-    parser.add_argument("--sweep", action="store_true", help="also time the kernels' block sizes")
+    parser.add_argument("--sweep", action="store_true", help="also time the tensor-core kernels' tiles")
+    parser.add_argument("--cuda-cores", action="store_true", help="the CUDA-core kernels instead of tensor cores")
+    parser.add_argument("--out", default="decode_kernels.json", help="file name under $OUT")
+    parser.add_argument("--tiles", default="{}", help='tiles to use, e.g. {"MM_CONFIG": [64, 32, 256, 4, 3]}')
     args = parser.parse_args()
-    emit(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+    for knob, tiles in json.loads(args.tiles).items():
+        setattr(kernels if hasattr(kernels, knob) else moe_kernels, knob, tuple(tiles))
+    kernels.CUDA_CORE_ROWS = kernels.MAX_DECODE_TOKENS if args.cuda_cores else 0
+    emit(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+         tensor_cores=not args.cuda_cores, tiles=json.loads(args.tiles))
     t0 = time.perf_counter()
     lm = random_model("small", "cuda").language
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -194,7 +203,7 @@ def main() -> None:
     if args.sweep:
         sweep(lm)
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "decode_kernels.json").write_text(json.dumps(RECORD, indent=1))
+        Path(os.environ["OUT"], args.out).write_text(json.dumps(RECORD, indent=1))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from bench import plain_path, teacher_forced  # noqa: E402
 from gpu_timing import graph_ms, replay_ms  # noqa: E402
 
 from dsvl2 import kernels, moe, moe_kernels  # noqa: E402
-from dsvl2.engine import Engine  # noqa: E402
+from dsvl2.engine import Engine, EngineConfig  # noqa: E402
 from dsvl2.processor import Processor  # noqa: E402
 from dsvl2.sampling import SamplingParams  # noqa: E402
 from dsvl2.tiny import random_model, write_processor_files  # noqa: E402
@@ -64,7 +64,7 @@ def main() -> None:
         trace_dir = Path(args[i + 1])
         del args[i:i + 2]
     if args:
-        engine = Engine.from_pretrained(args[0], "cuda", torch.bfloat16)
+        engine = Engine.from_pretrained(args[0], EngineConfig(background_load=False))
     else:
         model = random_model("small", "cuda")
         engine = Engine(model, Processor.from_pretrained(write_processor_files(tempfile.mkdtemp())))
@@ -205,7 +205,7 @@ def main() -> None:
          plain_ttft_ms=round(req2.stats.time_to_first_token_s * 1e3))
 
     # Time to first token without the captured prefill.
-    engine.graph_prefill = False
+    engine.runner.replay_prefill = False
     ttft = []
     for _ in range(4):
         r = engine.prepare("<image>\nDescribe this image.", [image], greedy, 1)

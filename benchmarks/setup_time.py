@@ -45,7 +45,7 @@ from stack_sampler import StackSampler  # noqa: E402
 
 import dsvl2.engine  # noqa: E402
 import dsvl2.loader  # noqa: E402
-from dsvl2.engine import Engine  # noqa: E402
+from dsvl2.engine import Engine, EngineConfig  # noqa: E402
 from dsvl2.loader import DROPPED_PREFIXES, _expert_rows, _target, iter_tensors, shard_files  # noqa: E402
 from dsvl2.prefetch import read_ahead  # noqa: E402
 
@@ -132,8 +132,7 @@ torch.zeros(1, device="cuda")
 t_cuda = time.perf_counter() - t0
 if "--load-workers" in sys.argv:
     dsvl2.loader.LOAD_WORKERS = int(sys.argv[sys.argv.index("--load-workers") + 1])
-engine = Engine.from_pretrained(sys.argv[1], "cuda", torch.bfloat16, log=lambda s: print(s, flush=True),
-                                background_load=True)
+engine = Engine.from_pretrained(sys.argv[1], EngineConfig(background_load=True), log=lambda s: print(s, flush=True))
 if "--no-bundle" in sys.argv:
     engine.bundle_dirs = []
 torch.cuda.synchronize()

@@ -1,4 +1,10 @@
-"""Command line: ``python -m dsvl2 --weights DIR --image FILE --prompt TEXT [--json]`` (greedy by default)."""
+"""Command line: ``python -m dsvl2 --weights DIR --image FILE --prompt TEXT [--json]`` (greedy by default).
+
+It runs the service's engine, configured as predict.py configures it (``settings.engine_config``: warmed up, and on
+the GPU compiled and captured with the weights streaming in meanwhile), from the same environment variables
+(dsvl2/settings.py documents them: DSVL2_MAX_BATCH, DSVL2_BATCH_INVARIANT, DSVL2_STREAM_INTERVAL_MS,
+DSVL2_COMPILE_CACHE), but ``--device`` and ``--dtype`` instead of DSVL2_DEVICE.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import sys
 
 import torch
 
+from . import settings
 from .engine import Engine
 from .errors import CheckpointError, InputError
 from .images import load_image
@@ -34,13 +41,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="default: bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     args = ap.parse_args(argv)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     try:
-        # The service's engine, warmed up as setup() does (on the GPU: compiled and captured, the weights
-        # streaming in meanwhile), so that the command line runs exactly what the server runs.
-        engine = Engine.from_pretrained(args.weights, args.device, dtype, log=log,
-                                        background_load=args.device == "cuda")
-        engine.warmup()
+        settings.use_compile_cache()
+        config = settings.engine_config(args.device, getattr(torch, args.dtype) if args.dtype else None)
+        engine = Engine.from_pretrained(args.weights, config, log=log)
         images = [load_image(path) for path in args.image]
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                 repetition_penalty=args.repetition_penalty, seed=args.seed)

@@ -1,9 +1,10 @@
 """Start-up and the request API of the generation engine.
 
-``Engine.from_pretrained`` loads a checkpoint (on the GPU streaming the weights in while ``warmup`` compiles and
-captures the graphs); ``prepare`` checks a request on the CPU, before any GPU work; ``stream`` hands it to the
-scheduler (``dsvl2.scheduler``: continuous batching on one thread that owns the GPU) and yields its text. The
-model's computations and static buffers are the runner's (``dsvl2.runner``).
+``Engine.from_pretrained`` loads a checkpoint and, where its ``EngineConfig`` (dsvl2.engine_config) says so, warms
+the engine up (on the GPU streaming the weights in while ``warmup`` compiles and captures the graphs); ``prepare``
+checks a request on the CPU, before any GPU work; ``stream`` hands it to the scheduler (``dsvl2.scheduler``:
+continuous batching on one thread that owns the GPU) and yields its text. The model's computations and static
+buffers are the runner's (``dsvl2.runner``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from . import compile_bundle, gpus, kernels, loader, prefetch
 from .compilation import import_compiler, quick_autotune, start_compile_workers
 from .config import ModelConfig
 from .detokenize import StreamDecoder
+from .engine_config import SLOT_CEILING, EngineConfig
 from .errors import InputError, PromptTooLong
 from .loader import allocate_model, load_into, load_model, shard_files
 from .model import DeepseekVL2
@@ -33,7 +36,7 @@ from .runner import PREFILL_BUCKET, Runner
 from .sampling import SamplingParams, validate_params
 from .scheduler import GenerationStats, Scheduler, Stream
 
-__all__ = ["Engine", "GenerationStats", "Request", "set_moe_impl"]
+__all__ = ["Engine", "EngineConfig", "GenerationStats", "Request", "phase", "set_moe_impl"]
 
 
 @dataclass
@@ -47,7 +50,6 @@ class Request:
 
 
 PRECOMPILE_TIMEOUT_S = 300  # the warm-up waits at most this long for the Triton kernels compiled ahead
-SLOT_CEILING = 64  # the largest batch the decode graphs and kernels are built for
 ACTIVATION_RESERVE = 4 << 30  # GPU memory kept free beside the caches: prefill activations, graphs, the allocator's
 
 
@@ -60,25 +62,34 @@ def fitting_slots(cfg: ModelConfig, dtype: torch.dtype, free_bytes: int) -> int:
     return max(0, (free_bytes - ACTIVATION_RESERVE) // per_slot - 1)
 
 
+@contextmanager
+def phase(log: Callable[[str], None], name: str) -> Iterator[None]:
+    """One phase of setup, logged as it starts and with its time when it is done."""
+    start = time.perf_counter()
+    log(f"setup: {name} ...")
+    yield
+    log(f"setup: {name} done in {time.perf_counter() - start:.1f}s")
+
+
 class Engine:
     """Start-up (load, compile, warm-up) and the request API: ``prepare`` checks a request on the CPU, ``stream``
-    hands it to the scheduler and yields its text. ``slots``: requests decoded together (default: as many
-    full-context caches as fit in the GPU memory left after the weights, at most 64; 1 on the CPU)."""
+    hands it to the scheduler and yields its text. How it runs is ``config``'s (``EngineConfig``; by default the
+    model's device and dtype, the rest following the device)."""
 
-    def __init__(self, model: DeepseekVL2, processor: Processor, log: Callable[[str], None] = print,
-                 cuda_graphs: bool | None = None, compile: bool | None = None, slots: int | None = None,
-                 stream_interval: float = 0.03, batch_invariant: bool = True) -> None:
+    def __init__(self, model: DeepseekVL2, processor: Processor, config: EngineConfig | None = None,
+                 log: Callable[[str], None] = print) -> None:
+        self.config = config = config or EngineConfig(device=str(model.device), dtype=model.dtype)
         self.model = model
         self.processor = processor
         self.log = log
         self.device = model.device
         self.context = model.cfg.language.max_position_embeddings
         self.eos_id = processor.eos_id
-        self.use_compile = self.device.type == "cuda" if compile is None else compile
-        self.stream_interval = stream_interval
-        kernels.set_invariant_rows(batch_invariant)  # process-wide: the decode kernels' row limit (see there)
-        self.slots = self._choose_slots(slots)
-        self.runner = Runner(model, self.slots, log, cuda_graphs)
+        self.use_compile = config.compile
+        self.stream_interval = config.stream_interval
+        kernels.set_batch_invariant(config.batch_invariant)  # process-wide: which decode kernels (see there)
+        self.slots = self._choose_slots(config.slots)
+        self.runner = Runner(model, self.slots, log, config.cuda_graphs)
         drop = {processor.bos_id, self.eos_id, processor.pad_id}
         self.scheduler = Scheduler(self.runner, lambda: StreamDecoder(processor.tokenizer, drop), self.eos_id, log,
                                    recover=lambda: self._drop_compiled(("forward",)))
@@ -89,9 +100,7 @@ class Engine:
         self.bundle_dirs: list[Path] = [compile_bundle.SHIPPED]
 
     def _choose_slots(self, slots: int | None) -> int:
-        if slots is not None:
-            if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= SLOT_CEILING:
-                raise ValueError(f"slots must be an integer from 1 to {SLOT_CEILING}, got {slots!r}")
+        if slots is not None:  # checked by EngineConfig
             return slots
         if self.device.type != "cuda":
             return 1
@@ -109,14 +118,25 @@ class Engine:
         return chosen
 
     @classmethod
-    def from_pretrained(cls, checkpoint_dir: str | Path, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
-                        log: Callable[[str], None] = print, background_load: bool = False, **kwargs) -> Engine:
-        """Load a checkpoint. With ``background_load`` the weights stream into a zero-filled model in a
-        thread, so that ``warmup`` compiles while the disk is busy; generation waits for the load."""
+    def from_pretrained(cls, checkpoint_dir: str | Path, config: EngineConfig | None = None,
+                        log: Callable[[str], None] = print) -> Engine:
+        """Load a checkpoint (default config: on the GPU). With ``config.background_load`` the weights stream into
+        a zero-filled model in a thread, so that ``warmup`` compiles while the disk is busy; generation waits for
+        the load. With ``config.warmup`` the engine is warmed up before it is returned."""
+        config = config or EngineConfig()
+        with phase(log, "load"):
+            engine = cls._load(Path(checkpoint_dir), config, log)
+        if config.warmup:
+            with phase(log, "warm-up"):
+                engine.warmup()
+        return engine
+
+    @classmethod
+    def _load(cls, checkpoint_dir: Path, config: EngineConfig, log: Callable[[str], None]) -> Engine:
+        device, dtype, background_load = config.device, config.dtype, config.background_load
         on_cuda = torch.device(device).type == "cuda"
         if on_cuda:
             prefetch.start()  # a no-op where the entry point started it before importing torch
-        checkpoint_dir = Path(checkpoint_dir)
         if background_load:
             # The disk starts reading the shards now, while the model is allocated (the load then finds them
             # read or in flight, in the order it copies them).
@@ -124,7 +144,7 @@ class Engine:
         processor = Processor.from_pretrained(checkpoint_dir)
         if background_load:
             cfg = ModelConfig.from_file(checkpoint_dir / "config.json")
-            engine = cls(allocate_model(cfg, device, dtype), processor, log=log, **kwargs)
+            engine = cls(allocate_model(cfg, device, dtype), processor, config, log)
             engine._start_loading(checkpoint_dir)
             # The compiler stack imported here, beside the load and before any thread that uses it starts: its
             # modules import each other in cycles, and two threads importing them at once can fail ("partially
@@ -133,7 +153,7 @@ class Engine:
             if on_cuda:  # in the background: Inductor's compile worker processes started
                 threading.Thread(target=start_compile_workers, name="dsvl2-compile-workers", daemon=True).start()
         else:
-            engine = cls(load_model(checkpoint_dir, device, dtype, log=log), processor, log=log, **kwargs)
+            engine = cls(load_model(checkpoint_dir, device, dtype, log=log), processor, config, log)
         engine.bundle_dirs.insert(0, checkpoint_dir)  # a compile bundle beside the weights comes first
         return engine
 

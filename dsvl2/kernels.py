@@ -363,16 +363,23 @@ def _(o_lat, kv_b, nope):
 
 
 MAX_DECODE_TOKENS = 64  # rows of a decode step the kernels take (the engine's largest batch)
-# How many rows the decode kernels take before library kernels (cuBLAS, the grouped GEMM) do the work: all of them
-# (batch invariant: a request's tokens do not depend on what shares its batch), or 8 (``set_invariant_rows(False)``:
-# faster above 8 rows, where the kernels' per-row arithmetic on CUDA cores costs more than the library's tensor
-# cores; BENCHMARKS.md has both). Process-wide: set by the engine at construction.
-INVARIANT_ROWS = MAX_DECODE_TOKENS
+# The matrix products of a decode step (linear layers, experts) run on tensor cores (``_mm_kernel``, the MoE's ``_mma``
+# kernels), batch invariant at every batch size. Steps of at most CUDA_CORE_ROWS rows run on CUDA cores instead
+# (``_gemv_kernel``, the MoE's row-loop kernels): 0 when batch invariant (the default); 1 otherwise, where a lone row
+# decodes 7 % faster (BENCHMARKS.md, session 8) but its tokens then differ from those it gets beside other rows.
+# Process-wide: set by the engine at construction (``set_batch_invariant``).
+CUDA_CORE_ROWS = 0
 
 
-def set_invariant_rows(invariant: bool) -> None:
-    global INVARIANT_ROWS
-    INVARIANT_ROWS = MAX_DECODE_TOKENS if invariant else 8
+def set_batch_invariant(invariant: bool) -> None:
+    global CUDA_CORE_ROWS
+    CUDA_CORE_ROWS = 0 if invariant else 1
+
+
+def tensor_cores(rows: int) -> bool:
+    """Whether a decode step of ``rows`` rows takes the tensor-core kernels (see CUDA_CORE_ROWS)."""
+    return rows > CUDA_CORE_ROWS
+
 
 if triton is not None:
 
@@ -435,6 +442,45 @@ if triton is not None:
                      mask=mask_n[:, None] & (r < rows)[None, :])
 
 
+    @triton.jit
+    def dot(a, b, acc, FP32_DOT: tl.constexpr):
+        # acc + a @ b, float32 accumulation; FP32_DOT: the operands widened to float32 and multiplied exactly (no
+        # TF32) -- for float32 models, and for Triton's interpreter, whose bfloat16 products are wrong (3.9).
+        if FP32_DOT:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a, b, acc)
+
+    @triton.jit
+    def tile_dot(acc, x_ptr, offsets, valid, k, K: tl.constexpr, w, FP32_DOT: tl.constexpr):
+        # acc + x[rows] @ w for one tile of rows (their element offsets in x; invalid rows read as zeros).
+        a = tl.load(x_ptr + offsets[:, None] + k[None, :], mask=valid[:, None] & (k < K)[None, :], other=0.0)
+        return dot(a, w, acc, FP32_DOT)
+
+    @triton.jit(do_not_specialize=["rows"])
+    def _mm_kernel(x_ptr, w_ptr, y_ptr, rows, NOUT: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr, USE_PDL: tl.constexpr):
+        # y[t, n] = round(sum_k x[t, k] w[n, k]) for a block of outputs n and every row t < rows, on tensor cores:
+        # the rows in tiles of BLOCK_M (padding masked to zeros), the sum in BLOCK_K steps, each a matrix-multiply
+        # accumulate into float32. A row's sum is the same sequence of operations in any tile and at any ``rows``
+        # (one binary for every batch size), and a tile's rows never mix, so the result is batch invariant. With
+        # BLOCK_M below ``rows``, the block's weights are read again (from L2) for each further tile.
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        w_rows = w_ptr + n[:, None].to(tl.int64) * K
+        x_ty = x_ptr.dtype.element_ty
+        for m0 in range(0, rows, BLOCK_M):
+            m = m0 + tl.arange(0, BLOCK_M)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                w = tl.load(w_rows + k[None, :], mask=(n < NOUT)[:, None] & (k < K)[None, :], other=0.0)
+                acc = tile_dot(acc, x_ptr, m * K, m < rows, k, K, tl.trans(w), FP32_DOT)
+            tl.store(y_ptr + m[:, None] * NOUT + n[None, :], acc.to(x_ty).to(y_ptr.dtype.element_ty),
+                     mask=(m < rows)[:, None] & (n < NOUT)[None, :])
+
+
 def rms_norm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Rows the RMSNorm kernel takes: CUDA, a row of at most 16384 in one program, the weight in x's dtype."""
     return available(x) and x.shape[-1] <= 16384 and weight.dtype == x.dtype
@@ -479,9 +525,41 @@ def gemv_config(n: int, k: int, pdl: bool) -> tuple[bool, int, int, int]:
     return False, bn, bk, nw
 
 
+# The tensor-core kernel's tiles (``_mm_kernel``): (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), by the weight's
+# shape only; wide weights (lm_head, the dense MLP's gate‖up) take wider output blocks. Every row of a step (up to 64)
+# sits in one BLOCK_M tile, so each weight tile is read once; at one row the padded rows cost nothing measurable
+# (BENCHMARKS.md, session 8: 468.5 vs 467.7 tokens/s against 16-row tiles, 4,466 vs 4,090 at 64 rows).
+MM_CONFIG = (64, 32, 256, 4, 3)
+MM_WIDE_CONFIG = (64, 128, 128, 4, 3)
+
+
+def fp32_dot(x: torch.Tensor) -> bool:
+    """The ``dot`` helper's FP32_DOT for operands like x: float32 ones, and all under Triton's interpreter."""
+    return x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def mma_tiles(config: tuple[int, int, int, int, int], k: int, itemsize: int,
+              shared_memory: int | None) -> tuple[int, int, int, int, int]:
+    """A tensor-core kernel's (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a reduction over k of operands of
+    ``itemsize`` bytes: BLOCK_K no wider than k needs (at least a tensor-core tile's 16), and halved until the
+    pipeline's stages of both operand tiles fit in ``shared_memory`` bytes (``shared_memory_of``), if given."""
+    bm, bn, bk, nw, ns = config
+    bk = max(16, min(bk, triton.next_power_of_2(k)))
+    if shared_memory is not None:
+        budget = shared_memory - 8 * 1024  # what Triton keeps for its barriers and layout conversions
+        while bk > 16 and ns * (bm + bn) * bk * itemsize > budget:
+            bk //= 2
+    return bm, bn, bk, nw, ns
+
+
+def shared_memory_of(x: torch.Tensor) -> int | None:
+    """The shared memory a block may use on x's GPU (``gpus``: an L40S 99 KB, an H200 227 KB); None off the GPU."""
+    return gpus.shared_memory_optin(x.device) if x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" else None
+
+
 def gemv_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Up to MAX_DECODE_TOKENS rows of x (CUDA) times a contiguous matrix of x's dtype: the matrix-vector kernel."""
-    return (available(x) and x.numel() // x.shape[-1] <= INVARIANT_ROWS and w.dim() == 2 and w.is_contiguous()
+    return (available(x) and x.numel() // x.shape[-1] <= MAX_DECODE_TOKENS and w.dim() == 2 and w.is_contiguous()
             and w.dtype == x.dtype)
 
 
@@ -494,6 +572,12 @@ def gemv(x: torch.Tensor, w: torch.Tensor, float_out: bool = False) -> torch.Ten
     n = w.shape[0]
     y = torch.empty(*x.shape[:-1], n, dtype=torch.float32 if float_out else x.dtype, device=x.device)
     pdl = _pdl_args(x)
+    if tensor_cores(rows):
+        config = MM_WIDE_CONFIG if n >= GEMV_WIDE_N else MM_CONFIG
+        bm, bn, bk, nw, ns = mma_tiles(config, k, x.element_size(), shared_memory_of(x))
+        launch(_mm_kernel, (triton.cdiv(n, bn),), x.contiguous(), w, y, rows, NOUT=n, K=k, BLOCK_M=bm, BLOCK_N=bn,
+               BLOCK_K=bk, FP32_DOT=fp32_dot(x), num_warps=nw, num_stages=ns, **pdl)
+        return y
     whole_row, bn, bk, nw = gemv_config(n, k, pdl["USE_PDL"])
     launch(_gemv_kernel, (triton.cdiv(n, bn),), x.contiguous(), w, y, rows, NOUT=n, K=k, BLOCK_N=bn, BLOCK_K=bk,
            WHOLE_ROW=whole_row, ROWS_PAD=MAX_DECODE_TOKENS, num_warps=nw, **pdl)

@@ -21,7 +21,7 @@ from .kernels import MAX_DECODE_TOKENS, gdc_launch_dependents, gdc_wait, launch,
 if triton is not None:
     import triton.language as tl
 
-    from .kernels import rms_norm_row
+    from .kernels import rms_norm_row, tile_dot
 
 # Block sizes (BLOCK_N, num_warps) of the expert kernels: whole rows of the weights in registers (D wide for gate‖up,
 # the expert width for down). Down's from the sweep in benchmarks/profile_decode.py (H100); gate‖up's not yet
@@ -29,6 +29,11 @@ if triton is not None:
 GATE_UP_CONFIG = (4, 4)
 DOWN_CONFIG = (8, 4)
 ROUTER_BLOCK_E = 1
+# The tensor-core expert kernels (``kernels.CUDA_CORE_ROWS``): (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
+# Untuned: benchmarks/decode_kernels.py --sweep.
+GATE_UP_MMA_CONFIG = (16, 32, 128, 4, 4)
+DOWN_MMA_CONFIG = (16, 32, 128, 4, 4)
+
 MAX_WIDTH = 2048  # the widest rows (hidden size, expert width) a program holds whole
 
 # The router's table of groups (int32): [0] the number of routed groups G; for g < G, [1 + g] the expert of group g,
@@ -218,12 +223,148 @@ if triton is not None:
             tl.store(y_ptr + row * D + n, acc, mask=mask_n)
 
 
+    @triton.jit
+    def _group_rows(table_ptr, g, n_tokens, E: tl.constexpr, K_TOP: tl.constexpr, N_SHARED: tl.constexpr):
+        # Group g's pairs: (weight offset of its expert or shared slice in units of that expert's matrices,
+        # shared or not, where its pairs start in the table's pair list, how many). Shared groups hold every token.
+        shared = g < N_SHARED
+        i = tl.where(shared, 0, g - N_SHARED)
+        used = (i < tl.load(table_ptr, cache_modifier=".cg")) & (g >= N_SHARED)
+        e = tl.load(table_ptr + 1 + i, mask=used, other=0, cache_modifier=".cg").to(tl.int64)
+        first = tl.load(table_ptr + 1 + E + i, mask=used, other=0, cache_modifier=".cg")
+        end = tl.load(table_ptr + 1 + 2 * E + i, mask=used, other=0, cache_modifier=".cg")
+        count = tl.where(shared, n_tokens, end - first)
+        return tl.where(shared, g.to(tl.int64), e), shared, first, count
+
+    @triton.jit
+    def _pair_rows(table_ptr, q, count, g, first, E: tl.constexpr, K_TOP: tl.constexpr, N_SHARED: tl.constexpr):
+        # The (token, slot) of pairs q (< count) of group g (a shared group's q-th token, in slot K_TOP + g).
+        routed = g >= N_SHARED
+        pair = tl.load(table_ptr + 1 + 3 * E + first + q, mask=q < tl.where(routed, count, 0), other=0,
+                       cache_modifier=".cg")
+        token = tl.where(routed, pair // K_TOP, q)
+        slot = tl.where(routed, pair % K_TOP, K_TOP + g)
+        return token, slot
+
+    @triton.jit
+    def _gate_up_out(acc_g, acc_u, h_ptr, rows, valid, n, HID: tl.constexpr):
+        # h[rows] = silu(gate) * up, rounded as the plain MLP rounds.
+        dtype = h_ptr.dtype.element_ty
+        g_r = acc_g.to(dtype).to(tl.float32)
+        act = (g_r / (1.0 + tl.exp(-g_r))).to(dtype).to(tl.float32)
+        out = (act * acc_u.to(dtype).to(tl.float32)).to(dtype)
+        tl.store(h_ptr + rows[:, None] * HID + n[None, :], out, mask=valid[:, None] & (n < HID)[None, :])
+
+    @triton.jit(do_not_specialize=["n_tokens"])
+    def _moe_gate_up_mma_kernel(x_ptr, w13_ptr, sgu_ptr, table_ptr, h_ptr, n_tokens, D: tl.constexpr,
+                                HID: tl.constexpr, E: tl.constexpr, K_TOP: tl.constexpr, N_SHARED: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                FP32_DOT: tl.constexpr, USE_PDL: tl.constexpr):
+        # ``_moe_gate_up_kernel`` on tensor cores, as ``kernels._mm_kernel`` computes: program (g, j) holds its
+        # group's pairs (at most 4 tiles of BLOCK_M: a token chooses an expert once) and multiplies each step's
+        # gate and up tiles into each tile of pairs present.
+        g = tl.program_id(0)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        which, shared, first, count = _group_rows(table_ptr, g, n_tokens, E, K_TOP, N_SHARED)
+        if count > 0:
+            w_gate = tl.where(shared, sgu_ptr + which * (HID * D), w13_ptr + which * (2 * HID * D))
+            w_up = w_gate + tl.where(shared, N_SHARED * HID * D, HID * D)
+            q = tl.arange(0, BLOCK_M)
+            t0, s0 = _pair_rows(table_ptr, q, count, g, first, E, K_TOP, N_SHARED)
+            t1, s1 = _pair_rows(table_ptr, q + BLOCK_M, count, g, first, E, K_TOP, N_SHARED)
+            t2, s2 = _pair_rows(table_ptr, q + 2 * BLOCK_M, count, g, first, E, K_TOP, N_SHARED)
+            t3, s3 = _pair_rows(table_ptr, q + 3 * BLOCK_M, count, g, first, E, K_TOP, N_SHARED)
+            g0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            u0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            g1, u1, g2, u2, g3, u3 = g0, u0, g0, u0, g0, u0
+            for k0 in range(0, D, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                mask_w = (n < HID)[:, None] & (k < D)[None, :]
+                gate = tl.trans(tl.load(w_gate + n[:, None] * D + k[None, :], mask=mask_w, other=0.0))
+                up = tl.trans(tl.load(w_up + n[:, None] * D + k[None, :], mask=mask_w, other=0.0))
+                g0 = tile_dot(g0, x_ptr, t0 * D, q < count, k, D, gate, FP32_DOT)
+                u0 = tile_dot(u0, x_ptr, t0 * D, q < count, k, D, up, FP32_DOT)
+                if count > BLOCK_M:
+                    g1 = tile_dot(g1, x_ptr, t1 * D, q + BLOCK_M < count, k, D, gate, FP32_DOT)
+                    u1 = tile_dot(u1, x_ptr, t1 * D, q + BLOCK_M < count, k, D, up, FP32_DOT)
+                if count > 2 * BLOCK_M:
+                    g2 = tile_dot(g2, x_ptr, t2 * D, q + 2 * BLOCK_M < count, k, D, gate, FP32_DOT)
+                    u2 = tile_dot(u2, x_ptr, t2 * D, q + 2 * BLOCK_M < count, k, D, up, FP32_DOT)
+                if count > 3 * BLOCK_M:
+                    g3 = tile_dot(g3, x_ptr, t3 * D, q + 3 * BLOCK_M < count, k, D, gate, FP32_DOT)
+                    u3 = tile_dot(u3, x_ptr, t3 * D, q + 3 * BLOCK_M < count, k, D, up, FP32_DOT)
+            slots = K_TOP + N_SHARED
+            _gate_up_out(g0, u0, h_ptr, t0 * slots + s0, q < count, n, HID)
+            _gate_up_out(g1, u1, h_ptr, t1 * slots + s1, q + BLOCK_M < count, n, HID)
+            _gate_up_out(g2, u2, h_ptr, t2 * slots + s2, q + 2 * BLOCK_M < count, n, HID)
+            _gate_up_out(g3, u3, h_ptr, t3 * slots + s3, q + 3 * BLOCK_M < count, n, HID)
+
+    @triton.jit
+    def _down_out(acc, y_ptr, wt_ptr, token, slot, valid, n, routed, D: tl.constexpr, K_TOP: tl.constexpr,
+                  N_SHARED: tl.constexpr, dtype: tl.constexpr):
+        # y[token, slot]: a routed slot's output rounded to the model's dtype times its routing weight; a shared
+        # slice's float32 partial sum.
+        if routed:
+            wt = tl.load(wt_ptr + token * K_TOP + slot, mask=valid, other=0.0)
+            acc = acc.to(dtype).to(tl.float32) * wt[:, None]
+        rows = token * (K_TOP + N_SHARED) + slot
+        tl.store(y_ptr + rows[:, None] * D + n[None, :], acc, mask=valid[:, None] & (n < D)[None, :])
+
+    @triton.jit(do_not_specialize=["n_tokens"])
+    def _moe_down_mma_kernel(h_ptr, w2_ptr, sd_ptr, table_ptr, wt_ptr, y_ptr, n_tokens, D: tl.constexpr,
+                             HID: tl.constexpr, E: tl.constexpr, K_TOP: tl.constexpr, N_SHARED: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             FP32_DOT: tl.constexpr, USE_PDL: tl.constexpr):
+        # ``_moe_down_kernel`` on tensor cores, tiled as ``_moe_gate_up_mma_kernel``; its group is read before the
+        # wait, as ``_moe_down_kernel`` explains.
+        g = tl.program_id(0)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        which, shared, first, count = _group_rows(table_ptr, g, n_tokens, E, K_TOP, N_SHARED)
+        # A shared slice's columns of the shared down matrix [D, N_SHARED * HID]; an expert's own [D, HID].
+        w_base = tl.where(shared, sd_ptr + which * HID, w2_ptr + which * (D * HID))
+        stride = tl.where(shared, N_SHARED * HID, HID)
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        if count > 0:
+            w_rows = w_base + n[:, None] * stride
+            q = tl.arange(0, BLOCK_M)
+            slots = K_TOP + N_SHARED
+            t0, s0 = _pair_rows(table_ptr, q, count, g, first, E, K_TOP, N_SHARED)
+            t1, s1 = _pair_rows(table_ptr, q + BLOCK_M, count, g, first, E, K_TOP, N_SHARED)
+            t2, s2 = _pair_rows(table_ptr, q + 2 * BLOCK_M, count, g, first, E, K_TOP, N_SHARED)
+            t3, s3 = _pair_rows(table_ptr, q + 3 * BLOCK_M, count, g, first, E, K_TOP, N_SHARED)
+            acc0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc1, acc2, acc3 = acc0, acc0, acc0
+            for k0 in range(0, HID, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                w = tl.trans(tl.load(w_rows + k[None, :], mask=(n < D)[:, None] & (k < HID)[None, :], other=0.0))
+                acc0 = tile_dot(acc0, h_ptr, (t0 * slots + s0) * HID, q < count, k, HID, w, FP32_DOT)
+                if count > BLOCK_M:
+                    acc1 = tile_dot(acc1, h_ptr, (t1 * slots + s1) * HID, q + BLOCK_M < count, k, HID, w, FP32_DOT)
+                if count > 2 * BLOCK_M:
+                    acc2 = tile_dot(acc2, h_ptr, (t2 * slots + s2) * HID, q + 2 * BLOCK_M < count, k, HID, w,
+                                    FP32_DOT)
+                if count > 3 * BLOCK_M:
+                    acc3 = tile_dot(acc3, h_ptr, (t3 * slots + s3) * HID, q + 3 * BLOCK_M < count, k, HID, w,
+                                    FP32_DOT)
+            routed = g >= N_SHARED
+            dtype = h_ptr.dtype.element_ty
+            _down_out(acc0, y_ptr, wt_ptr, t0, s0, q < count, n, routed, D, K_TOP, N_SHARED, dtype)
+            _down_out(acc1, y_ptr, wt_ptr, t1, s1, q + BLOCK_M < count, n, routed, D, K_TOP, N_SHARED, dtype)
+            _down_out(acc2, y_ptr, wt_ptr, t2, s2, q + 2 * BLOCK_M < count, n, routed, D, K_TOP, N_SHARED, dtype)
+            _down_out(acc3, y_ptr, wt_ptr, t3, s3, q + 3 * BLOCK_M < count, n, routed, D, K_TOP, N_SHARED, dtype)
+
+
 _route_counters: dict[torch.device, torch.Tensor] = {}
 
 
 def moe_decode_ok(n_tokens: int, dim: int, hidden: int) -> bool:
     """Shapes the fused decode MoE handles: up to MAX_DECODE_TOKENS tokens, rows it can hold whole."""
-    return triton is not None and n_tokens <= kernels.INVARIANT_ROWS and dim <= MAX_WIDTH and hidden <= MAX_WIDTH
+    return triton is not None and n_tokens <= MAX_DECODE_TOKENS and dim <= MAX_WIDTH and hidden <= MAX_WIDTH
 
 
 def _route_counter(device: torch.device) -> torch.Tensor:
@@ -265,11 +406,22 @@ def _moe_block(x: torch.Tensor, a: torch.Tensor | None, norm_w: torch.Tensor | N
            P_PAD=triton.next_power_of_2(n * top_k), ONE_TOKEN=n == 1, NORM=norm, num_warps=4, **pdl)
     groups = n_shared + min(e, n * top_k)  # the most there can be
     h = torch.empty(n * slots, hid, dtype=x.dtype, device=x.device)
+    y = torch.empty(n, slots, d, dtype=torch.float32, device=x.device)
+    if kernels.tensor_cores(n):
+        fp32_dot, smem = kernels.fp32_dot(x), kernels.shared_memory_of(x)
+        bm, bn, bk, nw, ns = kernels.mma_tiles(GATE_UP_MMA_CONFIG, d, x.element_size(), smem)
+        launch(_moe_gate_up_mma_kernel, (groups, triton.cdiv(hid, bn)), xn, w13, shared_gate_up, table, h, n, D=d,
+               HID=hid, E=e, K_TOP=top_k, N_SHARED=n_shared, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, FP32_DOT=fp32_dot,
+               num_warps=nw, num_stages=ns, **pdl)
+        bm, bn, bk, nw, ns = kernels.mma_tiles(DOWN_MMA_CONFIG, hid, x.element_size(), smem)
+        launch(_moe_down_mma_kernel, (groups, triton.cdiv(d, bn)), h, w2, shared_down, table, wts, y, n, D=d,
+               HID=hid, E=e, K_TOP=top_k, N_SHARED=n_shared, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, FP32_DOT=fp32_dot,
+               num_warps=nw, num_stages=ns, **pdl)
+        return res, y
     bn, nw = GATE_UP_CONFIG
     launch(_moe_gate_up_kernel, (groups, triton.cdiv(hid, bn)), xn, w13, shared_gate_up, table, h, n, D=d,
            D_PAD=triton.next_power_of_2(d), HID=hid, E=e, K_TOP=top_k, N_SHARED=n_shared, BLOCK_N=bn, num_warps=nw,
            **pdl)
-    y = torch.empty(n, slots, d, dtype=torch.float32, device=x.device)
     bn, nw = DOWN_CONFIG
     launch(_moe_down_kernel, (groups, triton.cdiv(d, bn)), h, w2, shared_down, table, wts, y, n, D=d, HID=hid,
            HID_PAD=triton.next_power_of_2(hid), E=e, K_TOP=top_k, N_SHARED=n_shared, BLOCK_N=bn, num_warps=nw, **pdl)

@@ -153,13 +153,18 @@ def check_model(tag: str) -> None:
 
 # The matrix-vector and norm kernels in both launch modes (their variants differ); the MoE kernels and the model as
 # launched on Hopper (with PDL). "kernels" or "model" (argv[1]): one half each, so that the tests run both at once.
+# The matrix products both ways (``kernels.CUDA_CORE_ROWS``): tensor cores (batch invariant) and CUDA cores ("cc_").
 if sys.argv[1] == "kernels":
     for pdl in (False, True):
         with launch_mode(pdl), mock.patch.object(kernels, "available", lambda t: True):
-            check_gemv("pdl_" if pdl else "")
             check_rms_norm("pdl_" if pdl else "")
+            for cores in ("", "cc_"):
+                with mock.patch.object(kernels, "CUDA_CORE_ROWS", kernels.MAX_DECODE_TOKENS if cores else 0):
+                    check_gemv(cores + ("pdl_" if pdl else ""))
     with launch_mode(True), mock.patch.object(kernels, "available", lambda t: True):
-        check_moe("pdl_")
+        for cores in ("", "cc_"):
+            with mock.patch.object(kernels, "CUDA_CORE_ROWS", kernels.MAX_DECODE_TOKENS if cores else 0):
+                check_moe(cores + "pdl_")
 else:
     with launch_mode(True), mock.patch.object(kernels, "ATTENTION_SPLITS", 4):
         check_model("pdl_")

@@ -45,13 +45,13 @@ def test_background_load_imports_the_compiler_before_any_thread_needs_it(tiny_ch
 
     code = f"""
 import sys, torch
-from dsvl2.engine import Engine
+from dsvl2.engine import Engine, EngineConfig
 from dsvl2.config import ModelConfig
 from dsvl2.model import DeepseekVL2
 with torch.device("meta"):
     DeepseekVL2(ModelConfig.from_file({str(tiny_checkpoint / "config.json")!r}))
 assert "torch._dynamo" not in sys.modules, "building the model imported the compiler"
-engine = Engine.from_pretrained({str(tiny_checkpoint)!r}, "cpu", torch.float32, log=print, background_load=True)
+engine = Engine.from_pretrained({str(tiny_checkpoint)!r}, EngineConfig(device="cpu", background_load=True), log=print)
 assert "torch._dynamo" in sys.modules and "torch._inductor.utils" in sys.modules
 engine.wait_loaded()
 print("ok")

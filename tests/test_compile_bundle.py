@@ -8,10 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 from dsvl2 import compile_bundle
-from dsvl2.engine import Engine
+from dsvl2.engine import Engine, EngineConfig
 
 H200 = {"device": "NVIDIA H200", "torch": "2.11.0+cu130", "triton": "3.6.0"}
 
@@ -59,7 +57,7 @@ def test_a_damaged_bundle_is_logged_and_skipped(tmp_path: Path) -> None:
 def test_engine_looks_beside_the_weights_first_and_loads_before_compiling(tiny_checkpoint: Path,
                                                                          monkeypatch) -> None:
     logs: list[str] = []
-    engine = Engine.from_pretrained(tiny_checkpoint, "cpu", torch.float32, log=logs.append)
+    engine = Engine.from_pretrained(tiny_checkpoint, EngineConfig(device="cpu", compile=True), log=logs.append)
     assert engine.bundle_dirs == [tiny_checkpoint, compile_bundle.SHIPPED]
     engine._load_compile_bundle()
     assert "no compile bundle" in logs[-1] and compile_bundle.bundle_name(compile_bundle.stack_key("cpu")) in logs[-1]
@@ -70,7 +68,6 @@ def test_engine_looks_beside_the_weights_first_and_loads_before_compiling(tiny_c
     monkeypatch.setattr(Engine, "compile", lambda self: order.append("compile"))
     monkeypatch.setattr(Engine, "_or_eager", lambda self, step: order.append(step.__name__))
     monkeypatch.setattr(Engine, "stream", lambda self, req: iter(()))
-    engine.use_compile = True
     try:
         engine.warmup()
     finally:

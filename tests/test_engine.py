@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dsvl2.engine import Engine
+from dsvl2.engine import Engine, EngineConfig
 from dsvl2.errors import InputError, PromptTooLong
 from dsvl2.processor import image_token_count
 from dsvl2.runner import sampler_mode
@@ -21,7 +21,7 @@ GREEDY = SamplingParams(temperature=0.0, top_p=1.0, top_k=50, repetition_penalty
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint: Path) -> Engine:
     logs: list[str] = []
-    e = Engine.from_pretrained(tiny_checkpoint, "cpu", torch.float32, log=logs.append)
+    e = Engine.from_pretrained(tiny_checkpoint, EngineConfig(device="cpu"), log=logs.append)
     e.logs = logs
     return e
 
@@ -158,7 +158,8 @@ def test_a_plain_prefill_error_is_not_swallowed(engine: Engine, monkeypatch: pyt
 def test_background_load_generates_what_the_plain_load_does(engine: Engine, tiny_checkpoint: Path) -> None:
     # The service's setup: weights stream into a zero-filled model while warm-up runs; afterwards the
     # engine answers exactly as one loaded synchronously.
-    bg = Engine.from_pretrained(tiny_checkpoint, "cpu", torch.float32, log=lambda s: None, background_load=True)
+    config = EngineConfig(device="cpu", background_load=True)
+    bg = Engine.from_pretrained(tiny_checkpoint, config, log=lambda s: None)
     bg.warmup()
     for e in (engine, bg):
         e.req = e.prepare("<image>\nDescribe.", [_image()], GREEDY, 12)
@@ -177,7 +178,7 @@ def test_background_load_error_surfaces_when_generation_waits(tiny_checkpoint: P
     shutil.copytree(tiny_checkpoint, broken)
     shard = sorted(broken.glob("*.safetensors"))[-1]
     shard.write_bytes(shard.read_bytes()[:-64])  # truncated
-    bg = Engine.from_pretrained(broken, "cpu", torch.float32, log=lambda s: None, background_load=True)
+    bg = Engine.from_pretrained(broken, EngineConfig(device="cpu", background_load=True), log=lambda s: None)
     with pytest.raises(CheckpointError, match=shard.name):
         bg.warmup()
 

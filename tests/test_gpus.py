@@ -125,11 +125,16 @@ _DECODE_KERNELS = {
 def test_decode_kernel_compiles_within_shared_memory(kernel: str, gpu: str) -> None:
     # Triton decides these kernels' shared memory (reductions, layout conversions, dot operands): compiled for the
     # GPU's architecture, each must fit in what one of its blocks may use.
+    path, constexprs, types, num_warps, *stages = _DECODE_KERNELS[kernel]
+    _compile_within_shared_memory(path, constexprs, types, num_warps, stages[0] if stages else 3, gpu)
+
+
+def _compile_within_shared_memory(path: str, constexprs: dict, types: dict, num_warps: int, num_stages: int,
+                                  gpu: str) -> None:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    path, constexprs, types, num_warps = _DECODE_KERNELS[kernel]
     module, name = path.split(".")
     fn = getattr({"kernels": kernels, "moe_kernels": moe_kernels}[module], name)
     constexprs = {**constexprs, "USE_PDL": False}
@@ -138,8 +143,34 @@ def test_decode_kernel_compiles_within_shared_memory(kernel: str, gpu: str) -> N
     source = ASTSource(fn, signature, {(fn.arg_names.index(k),): v for k, v in constexprs.items()})
     p = gpus.PROFILES[gpu]
     target = GPUTarget("cuda", p.capability[0] * 10 + p.capability[1], 32)
-    compiled = triton.compile(source, target=target, options={"num_warps": num_warps})
-    assert compiled.metadata.shared <= p.shared_memory_optin, (kernel, gpu, compiled.metadata.shared)
+    compiled = triton.compile(source, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+    assert compiled.metadata.shared <= p.shared_memory_optin, (path, gpu, compiled.metadata.shared)
+
+
+# The tensor-core kernels: (path, constexprs, pointer types, their tiles' config, the reduction's length K).
+_MMA_KERNELS = {
+    "mm": ("kernels._mm_kernel", dict(NOUT=2048, K=2048), {}, "kernels.MM_CONFIG", 2048),
+    "mm_10944": ("kernels._mm_kernel", dict(NOUT=2048, K=10944), {}, "kernels.MM_CONFIG", 10944),
+    "mm_wide": ("kernels._mm_kernel", dict(NOUT=102400, K=2048), {}, "kernels.MM_WIDE_CONFIG", 2048),
+    "moe_gate_up_mma": ("moe_kernels._moe_gate_up_mma_kernel", dict(D=2048, HID=1408, E=64, K_TOP=6, N_SHARED=2),
+                        {"table_ptr": "*i32"}, "moe_kernels.GATE_UP_MMA_CONFIG", 2048),
+    "moe_down_mma": ("moe_kernels._moe_down_mma_kernel", dict(D=2048, HID=1408, E=64, K_TOP=6, N_SHARED=2),
+                     {"table_ptr": "*i32", "wt_ptr": "*fp32", "y_ptr": "*fp32"}, "moe_kernels.DOWN_MMA_CONFIG", 1408),
+}
+
+
+@pytest.mark.skipif(kernels.triton is None or not _ptxas_runs(), reason="needs Triton with a working ptxas")
+@pytest.mark.parametrize("gpu", ["a100-40", "l40s", "h200"])
+@pytest.mark.parametrize("kernel", list(_MMA_KERNELS))
+def test_tensor_core_kernel_tiles_fit_each_gpu(kernel: str, gpu: str) -> None:
+    # The tiles the launch chooses for this GPU's shared memory (``kernels.mma_tiles``), compiled for its architecture.
+    path, constexprs, types, config, k = _MMA_KERNELS[kernel]
+    module, name = config.split(".")
+    p = gpus.PROFILES[gpu]
+    bm, bn, bk, nw, ns = kernels.mma_tiles(getattr({"kernels": kernels, "moe_kernels": moe_kernels}[module], name), k,
+                                           2, p.shared_memory_optin)
+    _compile_within_shared_memory(path, {**constexprs, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "FP32_DOT": False},
+                                  types, nw, ns, gpu)
 
 
 def test_engine_slots_follow_the_emulated_gpus_memory(monkeypatch: pytest.MonkeyPatch) -> None:

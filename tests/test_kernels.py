@@ -109,11 +109,18 @@ def test_decode_layer_compiles_as_one_graph_around_the_kernels(errors: dict[str,
 # truncation (the GPU to nearest), so its bf16 results differ from PyTorch's by about one bf16 step throughout.
 
 
+# The matrix products on tensor cores (the batch invariant mode's) and on CUDA cores ("cc_").
+CORES = pytest.mark.parametrize("cores", ["", "cc_"])
+
+
+@CORES
 @LAUNCH_MODES
-def test_gemv_is_batch_invariant(invariance: dict[str, float], mode: str) -> None:
-    # Whole rows in registers (with PDL), the wide blocks of large weights (with PDL), and BLOCK_K columns at a time
-    # (without PDL, or K past the whole-row limit: three column blocks, the last ragged).
-    for variant in ("", "wide_", "long_") if mode else ("", "long_"):
+def test_gemv_is_batch_invariant(invariance: dict[str, float], mode: str, cores: str) -> None:
+    # Tensor cores: tiles of rows and of K (K past the tile: three K blocks, the last ragged), wide outputs. CUDA
+    # cores: whole rows in registers (with PDL), the wide blocks of large weights (with PDL), and BLOCK_K columns at a
+    # time (without PDL, or K past the whole-row limit).
+    mode = cores + mode
+    for variant in ("", "wide_", "long_") if "pdl" in mode else ("", "long_"):
         assert invariance[f"{mode}gemv_{variant}torch.float32_rel"] < 1e-5
         assert invariance[f"{mode}gemv_{variant}torch.bfloat16_rel"] < 1e-2
         for dtype in ("torch.float32", "torch.bfloat16"):
@@ -129,13 +136,14 @@ def test_rms_norm_kernel_is_batch_invariant(invariance: dict[str, float], mode: 
         assert invariance[f"{mode}rms_norm_{dtype}_invariant"] == 1.0
 
 
-def test_decode_moe_is_batch_invariant(invariance: dict[str, float]) -> None:
+@CORES
+def test_decode_moe_is_batch_invariant(invariance: dict[str, float], cores: str) -> None:
     # The residual add and norm, router, pairs grouped by expert, gate‖up, down and the slot sums, for up to 64
-    # tokens: all on the same two experts (groups of every token), each pair of tokens on experts of their own, and
-    # random routes; float32, against the plain block.
+    # tokens: all on the same two experts (groups of every token: four tiles of rows), each pair of tokens on
+    # experts of their own, and random routes; float32, against the plain block.
     for routes in ("collide", "spread", "random"):
-        assert invariance[f"pdl_moe_{routes}_rel"] < 1e-5
-        assert invariance[f"pdl_moe_{routes}_invariant"] == 1.0
+        assert invariance[f"{cores}pdl_moe_{routes}_rel"] < 1e-5
+        assert invariance[f"{cores}pdl_moe_{routes}_invariant"] == 1.0
 
 
 def test_decode_step_through_the_kernels_is_batch_invariant(invariance: dict[str, float]) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from _transformers_reference import deepseek_v2_reference
 
-from dsvl2.engine import Engine, set_moe_impl
+from dsvl2.engine import Engine, EngineConfig, set_moe_impl
 from dsvl2.images import load_image
 from dsvl2.loader import load_model
 from dsvl2.processor import image_token_count
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def golden_engine() -> Engine:
-    return Engine.from_pretrained(GOLDEN / "checkpoint", "cpu", torch.float32, log=lambda s: None)
+    return Engine.from_pretrained(GOLDEN / "checkpoint", EngineConfig(device="cpu"), log=lambda s: None)
 
 
 def _images(case: dict) -> list:
@@ -129,7 +129,7 @@ def test_fast_moe_path_equals_plain_loop(alt_checkpoint: Path) -> None:
 
 
 def test_engine_fast_and_plain_paths_generate_the_same(alt_checkpoint: Path) -> None:
-    engine = Engine.from_pretrained(alt_checkpoint, "cpu", torch.float32, log=lambda s: None)
+    engine = Engine.from_pretrained(alt_checkpoint, EngineConfig(device="cpu"), log=lambda s: None)
     img = load_image(GOLDEN / "images" / "gradient_1000x333.png")
     outs = []
     for impl in ("grouped", "loop"):

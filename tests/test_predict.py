@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import predict
+from dsvl2 import settings
 from dsvl2.errors import CheckpointError, InputError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,8 +41,8 @@ def image_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def runner(tiny_checkpoint: Path) -> predict.Runner:
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(predict.WEIGHTS_ENV, str(tiny_checkpoint))
-        mp.setenv(predict.DEVICE_ENV, os.environ.get(predict.DEVICE_ENV, "cpu"))
+        mp.setenv(settings.WEIGHTS_ENV, str(tiny_checkpoint))
+        mp.setenv(settings.DEVICE_ENV, os.environ.get(settings.DEVICE_ENV, "cpu"))
         r = predict.Runner()
         r.setup()
     return r
@@ -119,8 +120,8 @@ def test_local_paths_are_refused_alike_when_served(
     runner: predict.Runner, image_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Set up as the HTTP server sets it up by default: whatever is (or is not) at the path, one answer, no path."""
-    monkeypatch.delenv(predict.LOCAL_FILES_ENV, raising=False)
-    monkeypatch.setattr(runner, "local_files", predict.local_files_allowed(served=True))
+    monkeypatch.delenv(settings.LOCAL_FILES_ENV, raising=False)
+    monkeypatch.setattr(runner, "local_files", settings.local_files_allowed(served=True))
     monkeypatch.chdir(image_path.parent)
     (tmp_path / "text.png").write_text("not an image")
     paths = [str(image_path), "picture.png", str(tmp_path / "text.png"), str(tmp_path / "missing.png"),
@@ -139,15 +140,15 @@ def test_local_paths_are_refused_alike_when_served(
 
 
 def test_local_files_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(predict.LOCAL_FILES_ENV, raising=False)
-    assert predict.local_files_allowed(served=False) and not predict.local_files_allowed(served=True)
-    monkeypatch.setenv(predict.LOCAL_FILES_ENV, "0")
-    assert not predict.local_files_allowed(served=True)
-    monkeypatch.setenv(predict.LOCAL_FILES_ENV, "1")
-    assert predict.local_files_allowed(served=True)
-    monkeypatch.setenv(predict.LOCAL_FILES_ENV, "yes")
+    monkeypatch.delenv(settings.LOCAL_FILES_ENV, raising=False)
+    assert settings.local_files_allowed(served=False) and not settings.local_files_allowed(served=True)
+    monkeypatch.setenv(settings.LOCAL_FILES_ENV, "0")
+    assert not settings.local_files_allowed(served=True)
+    monkeypatch.setenv(settings.LOCAL_FILES_ENV, "1")
+    assert settings.local_files_allowed(served=True)
+    monkeypatch.setenv(settings.LOCAL_FILES_ENV, "yes")
     with pytest.raises(RuntimeError, match="DSVL2_ALLOW_LOCAL_FILES='yes' is not supported"):
-        predict.local_files_allowed(served=True)
+        settings.local_files_allowed(served=True)
 
 
 def test_image_errors_name_the_field_not_the_file(runner: predict.Runner, image_path: Path, tmp_path: Path) -> None:
@@ -174,15 +175,15 @@ def test_closing_the_stream_stops_generation(runner: predict.Runner, image_path:
 
 
 def test_setup_without_gpu_says_what_to_do(monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Path) -> None:
-    monkeypatch.setenv(predict.WEIGHTS_ENV, str(tiny_checkpoint))
-    monkeypatch.delenv(predict.DEVICE_ENV, raising=False)
+    monkeypatch.setenv(settings.WEIGHTS_ENV, str(tiny_checkpoint))
+    monkeypatch.delenv(settings.DEVICE_ENV, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="no CUDA GPU.*DSVL2_DEVICE=cpu"):
         predict.Runner().setup()
 
 
 def test_setup_refuses_unknown_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(predict.DEVICE_ENV, "tpu")
+    monkeypatch.setenv(settings.DEVICE_ENV, "tpu")
     with pytest.raises(RuntimeError, match="DSVL2_DEVICE='tpu' is not supported"):
         predict.Runner().setup()
 
@@ -194,8 +195,8 @@ def test_incomplete_checkpoint_fails_setup_with_advice(
     shutil.copytree(tiny_checkpoint, broken)
     shard = sorted(broken.glob("model-*.safetensors"))[-1]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    monkeypatch.setenv(predict.WEIGHTS_ENV, str(broken))
-    monkeypatch.setenv(predict.DEVICE_ENV, "cpu")
+    monkeypatch.setenv(settings.WEIGHTS_ENV, str(broken))
+    monkeypatch.setenv(settings.DEVICE_ENV, "cpu")
     monkeypatch.setattr(predict, "ensure_checkpoint", lambda *a, **k: pytest.fail("unexpected download"))
     with pytest.raises(CheckpointError, match="Point DSVL2_WEIGHTS at a complete"):
         predict.Runner().setup()
@@ -213,8 +214,8 @@ def test_missing_checkpoint_is_downloaded(
         return dest
 
     target = tmp_path / "weights"
-    monkeypatch.setenv(predict.WEIGHTS_ENV, str(target))
-    monkeypatch.setenv(predict.DEVICE_ENV, "cpu")
+    monkeypatch.setenv(settings.WEIGHTS_ENV, str(target))
+    monkeypatch.setenv(settings.DEVICE_ENV, "cpu")
     monkeypatch.setattr(predict, "ensure_checkpoint", fake_download)
     predict.Runner().setup()
     assert calls == [(target, "deepseek-ai/deepseek-vl2-small")]

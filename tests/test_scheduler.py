@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dsvl2.engine import Engine
+from dsvl2.engine import Engine, EngineConfig
 from dsvl2.runner import batch_buckets
 from dsvl2.sampling import SamplingParams
 
@@ -24,7 +24,8 @@ def _image(w: int = 96, h: int = 64, colour=(200, 120, 40)) -> Image.Image:
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint: Path) -> Engine:
     logs: list[str] = []
-    e = Engine.from_pretrained(tiny_checkpoint, "cpu", torch.float32, log=logs.append, slots=4, stream_interval=0)
+    config = EngineConfig(device="cpu", slots=4, stream_interval=0)
+    e = Engine.from_pretrained(tiny_checkpoint, config, log=logs.append)
     e.logs = logs
     return e
 
@@ -162,7 +163,7 @@ def test_metrics_are_each_requests_own(engine: Engine) -> None:
 def test_slots_must_be_sane(tiny_checkpoint: Path) -> None:
     for bad in (0, 65, 2.0, True):
         with pytest.raises(ValueError, match="slots must be an integer from 1 to 64"):
-            Engine.from_pretrained(tiny_checkpoint, "cpu", torch.float32, log=lambda s: None, slots=bad)
+            EngineConfig(device="cpu", slots=bad)
 
 
 def test_a_failing_step_fails_its_requests_and_the_loop_serves_on(engine: Engine,
