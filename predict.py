@@ -3,18 +3,19 @@
 `setup()` finds (or downloads) the checkpoint and starts the engine, loaded and warmed up; `run()` streams the
 answer to a prompt about one or more images. The inputs are declared once, in `run`'s signature: coglet checks
 HTTP requests against the schema made from it (scripts/make_schema.py writes `.cog/openapi_schema.json`), and
-dsvl2.service checks a direct Python call against the same declarations. The environment variables (DSVL2_WEIGHTS,
-DSVL2_DEVICE, DSVL2_MAX_BATCH, ...) are read and documented in dsvl2/settings.py.
+dsvl2.serving.service checks a direct Python call against the same declarations. The environment variables
+(DSVL2_WEIGHTS, DSVL2_DEVICE, DSVL2_MAX_BATCH, ...) are read and documented in dsvl2/settings.py.
 
 Concurrency: `run` is async and returns a plain generator, which coglet streams from a thread of its own per
 prediction; every prediction's generator reads its text from the engine's scheduler, which decodes all of them
-together on the GPU (continuous batching, dsvl2.scheduler).
+together on the GPU (continuous batching, dsvl2.serving.scheduler).
 """
 
 # ruff: noqa: E402 - the prefetch starts before anything heavy is imported
 # First of all, before torch is imported: the software's own files read into the page cache in the background
-# (on a fresh machine the start otherwise waits on thousands of small reads one after another; dsvl2.prefetch).
-from dsvl2 import prefetch, settings
+# (on a fresh machine the start otherwise waits on thousands of small reads one after another; dsvl2.startup.prefetch).
+from dsvl2 import settings
+from dsvl2.startup import prefetch
 
 if settings.device_name() == "cuda":  # as setup() reads it
     prefetch.start()
@@ -26,11 +27,12 @@ from pathlib import Path as LocalPath
 import coglet
 from cog import BaseRunner, ConcatenateIterator, Input, Path, streaming
 
-from dsvl2 import service
-from dsvl2.download import ensure_checkpoint
-from dsvl2.engine import Engine, phase
 from dsvl2.errors import CheckpointError
-from dsvl2.service import log
+from dsvl2.serving import service
+from dsvl2.serving.engine import Engine
+from dsvl2.serving.engine_startup import phase
+from dsvl2.serving.service import log
+from dsvl2.startup.download import ensure_checkpoint
 
 MAX_PROMPT_CHARS = 100_000  # far beyond the 4096-token context; refused before it is tokenized
 REPO_ID = "deepseek-ai/deepseek-vl2-small"

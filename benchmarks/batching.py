@@ -38,9 +38,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dsvl2.engine import Engine, EngineConfig  # noqa: E402
-from dsvl2.sampling import SamplingParams  # noqa: E402
-from dsvl2.tiny import build_random_checkpoint  # noqa: E402
+from dsvl2.model.tiny import build_random_checkpoint  # noqa: E402
+from dsvl2.serving.engine import Engine, EngineConfig  # noqa: E402
+from dsvl2.serving.sampling import SamplingParams  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0)
 DEFAULT = SamplingParams(temperature=0.1, top_p=0.9, top_k=50, repetition_penalty=1.1)

@@ -28,9 +28,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dsvl2 import kernels  # noqa: E402
-from dsvl2.engine import Engine, EngineConfig, set_moe_impl  # noqa: E402
-from dsvl2.sampling import SamplingParams  # noqa: E402
-from dsvl2.tiny import build_random_checkpoint  # noqa: E402
+from dsvl2.model.moe import set_impl  # noqa: E402
+from dsvl2.model.tiny import build_random_checkpoint  # noqa: E402
+from dsvl2.serving.engine import Engine, EngineConfig  # noqa: E402
+from dsvl2.serving.sampling import SamplingParams  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0, top_p=1.0, top_k=50, repetition_penalty=1.0, seed=0)
 DEFAULT = SamplingParams(temperature=0.1, top_p=0.9, top_k=50, repetition_penalty=1.1, seed=0)
@@ -57,12 +58,12 @@ def plain_path(engine: Engine):
         compiled[module] = {k: module.__dict__.pop(k) for k in ("decode", "forward") if k in module.__dict__}
     graphs, engine.runner.decode_graphs = engine.runner.decode_graphs, {}
     engine.runner.replay_prefill = False
-    saved_triton, kernels.triton = kernels.triton, None
-    set_moe_impl("loop")
+    saved_triton, kernels.launch.triton = kernels.launch.triton, None
+    set_impl(engine.model, "loop")
 
     def restore() -> None:
-        set_moe_impl("grouped")
-        kernels.triton = saved_triton
+        set_impl(engine.model, "grouped")
+        kernels.launch.triton = saved_triton
         engine.runner.decode_graphs = graphs
         engine.runner.replay_prefill = True
         for module, attrs in compiled.items():
@@ -88,8 +89,8 @@ def teacher_forced(engine: Engine, prompt_embeds: torch.Tensor, ids: list[int]) 
 def kernel_checks() -> dict:
     """Relative error of the fused decode MoE block (router, routed and shared expert kernels) against the
     plain block (experts in a loop, cuBLAS), fresh random inputs."""
-    from dsvl2.config import LanguageConfig
-    from dsvl2.moe import MoE
+    from dsvl2.model.config import LanguageConfig
+    from dsvl2.model.moe import MoE
 
     out = {}
     cfg = LanguageConfig()
@@ -100,11 +101,11 @@ def kernel_checks() -> dict:
             p.data.normal_(0, 0.02)
         layer.shared_experts.fuse()
         x = torch.randn(1, tokens, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
-        set_moe_impl("loop")
-        saved, kernels.triton = kernels.triton, None
+        set_impl(layer, "loop")
+        saved, kernels.launch.triton = kernels.launch.triton, None
         ref = layer(x).float()
-        kernels.triton = saved
-        set_moe_impl("grouped")
+        kernels.launch.triton = saved
+        set_impl(layer, "grouped")
         got = layer(x).float()
         out[f"moe_fused_{tokens}_tokens"] = float((got - ref).norm() / ref.norm())
     return out

@@ -15,7 +15,7 @@ up front; for each batch size B the first B rows are decoded:
   the plain step prefers another token where they do not.
 
 ``--sweep`` also times the tiles of the tensor-core matrix and expert kernels at 1, 8 and 64 rows (graph replays);
-``--cuda-cores`` runs the CUDA-core kernels instead, at every batch size (``kernels.CUDA_CORE_ROWS``).
+``--cuda-cores`` runs the CUDA-core kernels instead, at every batch size (``kernels.launch.CUDA_CORE_ROWS``).
 Prints JSON lines (device and versions first); with OUT set, also writes them all to $OUT/``--out``.
 """
 
@@ -39,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_timing import replay_ms  # noqa: E402
 
-from dsvl2 import kernels, moe_kernels  # noqa: E402
-from dsvl2.language import LanguageModel  # noqa: E402
-from dsvl2.moe import MoE  # noqa: E402
-from dsvl2.tiny import random_model  # noqa: E402
+from dsvl2 import kernels  # noqa: E402
+from dsvl2.model.language import LanguageModel  # noqa: E402
+from dsvl2.model.moe import set_impl  # noqa: E402
+from dsvl2.model.tiny import random_model  # noqa: E402
 
 ROWS, CONTEXT, GREEDY_STEPS = 64, 2048, 16
 RECORD: dict[str, object] = {}
@@ -76,13 +76,13 @@ def graph_us(fn: Callable[[], object]) -> float:
 def plain(lm: LanguageModel) -> Iterator[None]:
     """The plain path: each layer's uncompiled decode, no Triton kernels, the routed experts in a loop."""
     compiled = [layer.__dict__.pop("decode", None) for layer in lm.model.layers]
-    saved, kernels.triton = kernels.triton, None
-    MoE.impl = "loop"
+    saved, kernels.launch.triton = kernels.launch.triton, None
+    set_impl(lm, "loop")
     try:
         yield
     finally:
-        MoE.impl = "grouped"
-        kernels.triton = saved
+        set_impl(lm, "grouped")
+        kernels.launch.triton = saved
         for layer, fn in zip(lm.model.layers, compiled, strict=True):
             if fn is not None:
                 layer.decode = fn
@@ -159,15 +159,15 @@ def sweep(lm: LanguageModel) -> None:
                     ("dense_gate_up", dense.gate_up), ("dense_down", dense.down_proj.weight)):
         xs = [torch.randn(b, w.shape[1], device="cuda", dtype=w.dtype) for b in sizes]
         times = out[f"gemv_{name}"] = {"cublas": [graph_us(lambda x=x, w=w: F.linear(x, w)) for x in xs]}
-        knob, cfgs = ("MM_WIDE_CONFIG", wide) if w.shape[0] >= kernels.GEMV_WIDE_N else ("MM_CONFIG", narrow)
+        knob, cfgs = ("MM_WIDE_CONFIG", wide) if w.shape[0] >= kernels.linear.GEMV_WIDE_N else ("MM_CONFIG", narrow)
         for cfg in cfgs:
-            with patched(kernels, knob, cfg):
-                times[str(cfg)] = [graph_us(lambda x=x, w=w: kernels.gemv(x, w)) for x in xs]
+            with patched(kernels.linear, knob, cfg):
+                times[str(cfg)] = [graph_us(lambda x=x, w=w: kernels.linear.gemv(x, w)) for x in xs]
     inputs = [[torch.randn(b, 1, d, device="cuda", dtype=norm.weight.dtype) for _ in range(2)] for b in sizes]
     for knob in ("GATE_UP_MMA_CONFIG", "DOWN_MMA_CONFIG"):
         times = out[f"moe_block_{knob}"] = {}
         for cfg in experts:
-            with patched(moe_kernels, knob, cfg):
+            with patched(kernels.moe, knob, cfg):
                 times[str(cfg)] = [graph_us(lambda x=x, a=a: block.mlp.decode_residual(x, a, norm)) for x, a in inputs]
     emit(sweep_us=out)
 
@@ -182,8 +182,8 @@ def main() -> None:
     parser.add_argument("--tiles", default="{}", help='tiles to use, e.g. {"MM_CONFIG": [64, 32, 256, 4, 3]}')
     args = parser.parse_args()
     for knob, tiles in json.loads(args.tiles).items():
-        setattr(kernels if hasattr(kernels, knob) else moe_kernels, knob, tuple(tiles))
-    kernels.CUDA_CORE_ROWS = kernels.MAX_DECODE_TOKENS if args.cuda_cores else 0
+        setattr(kernels.linear if hasattr(kernels.linear, knob) else kernels.moe, knob, tuple(tiles))
+    kernels.launch.CUDA_CORE_ROWS = kernels.launch.MAX_DECODE_TOKENS if args.cuda_cores else 0
     emit(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
          tensor_cores=not args.cuda_cores, tiles=json.loads(args.tiles))
     t0 = time.perf_counter()
@@ -192,12 +192,12 @@ def main() -> None:
     for layer in lm.model.layers:
         layer.decode = torch.compile(layer.decode, dynamic=False)
     x = torch.zeros(ROWS, 1, lm.cfg.hidden_size, device="cuda", dtype=lm.lm_head.weight.dtype)
-    emit(build_s=round(time.perf_counter() - t0, 1), pdl=kernels.use_pdl(x),
+    emit(build_s=round(time.perf_counter() - t0, 1), pdl=kernels.launch.use_pdl(x),
          kernel_paths={"attention": lm.model.layers[1].self_attn._kernels_ok(x),
                        "moe": lm.model.layers[1].mlp.decode_kernels_ok(x),
-                       "norm": kernels.rms_norm_ok(x, lm.model.norm.weight),
-                       "lm_head": kernels.gemv_ok(x[:, 0], lm.lm_head.weight),
-                       "dense_mlp": kernels.gemv_ok(x, lm.model.layers[0].mlp.gate_up)})
+                       "norm": kernels.norm.rms_norm_ok(x, lm.model.norm.weight),
+                       "lm_head": kernels.linear.gemv_ok(x[:, 0], lm.lm_head.weight),
+                       "dense_mlp": kernels.linear.gemv_ok(x, lm.model.layers[0].mlp.gate_up)})
     invariance_and_speed(lm, [int(b) for b in args.batches.split(",")])
     fast_vs_plain(lm)
     if args.sweep:

@@ -41,9 +41,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from bench import DEFAULT, GREEDY, kernel_checks, plain_path, run, teacher_forced  # noqa: E402
 
-from dsvl2 import gpus, grouped_gemm, kernels  # noqa: E402
-from dsvl2.engine import Engine, EngineConfig  # noqa: E402
-from dsvl2.moe import MoE  # noqa: E402
+from dsvl2 import gpus, kernels  # noqa: E402
+from dsvl2.kernels import grouped_gemm  # noqa: E402
+from dsvl2.model.moe import MoE  # noqa: E402
+from dsvl2.serving.engine import Engine, EngineConfig  # noqa: E402
 
 PROMPT = "<image>\nDescribe this image."
 REL_L2_TOLERANCE = 0.05  # logits after bf16 kernels (the H200 measured 2.6e-2 on the last prompt position)
@@ -67,7 +68,7 @@ def kernel_choices(engine: Engine) -> dict:
     return {k: safe(f) for k, f in {
         "capability": lambda: gpus.capability(dev) if cuda else None,
         "smem_optin_kib": lambda: gpus.shared_memory_optin(dev) // 1024 if cuda else None,
-        "pdl": lambda: kernels.use_pdl(one),
+        "pdl": lambda: kernels.launch.use_pdl(one),
         "prefill_experts": lambda: "triton grouped GEMM" if triton_gemm() else "torch._grouped_mm",
         "grouped_gemm_tiles": lambda: {site: {**c, "smem_kib": grouped_gemm.shared_memory(c, 2) // 1024}
                                        for site, c in grouped_gemm.CONFIGS.items()},
@@ -283,7 +284,7 @@ def main() -> None:
                  "rel_l2_tolerance": REL_L2_TOLERANCE, "outliers_in": outlier_profile, "profiles": {}}
     ckpt = work / f"ckpt-{args.preset}"
     if not (ckpt / "config.json").exists():  # in a process of its own: this one must hold no GPU memory
-        code = (f"from dsvl2.tiny import build_random_checkpoint as b; "
+        code = (f"from dsvl2.model.tiny import build_random_checkpoint as b; "
                 f"b({str(ckpt)!r}, {args.preset!r}, std=0.02, n_shards=4, device={args.device!r})")
         subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
         res["write_checkpoint_s"] = round(time.perf_counter() - t0, 1)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dsvl2.runner import capture_graph  # noqa: E402
+from dsvl2.serving.runner import capture_graph  # noqa: E402
 
 
 def replay_ms(graph: torch.cuda.CUDAGraph, reps: int = 100) -> float:

@@ -1,4 +1,4 @@
-"""Micro-benchmark of the prefill's grouped expert products: ``dsvl2.grouped_gemm.grouped_mm`` against
+"""Micro-benchmark of the prefill's grouped expert products: ``dsvl2.kernels.grouped_gemm.grouped_mm`` against
 ``torch._grouped_mm`` on random weights of the real shapes (CUDA).
 
     python benchmarks/grouped_gemm.py [--block-m 64 128] [--block-n 128 256] [--warps 4 8] [--stages 3 4] [--tma 0 1]
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_timing import graph_ms  # noqa: E402
 
-from dsvl2 import grouped_gemm  # noqa: E402
+from dsvl2.kernels import grouped_gemm  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

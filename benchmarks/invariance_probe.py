@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dsvl2 import kernels  # noqa: E402
-from dsvl2.runner import TOP_CANDIDATES  # noqa: E402
-from dsvl2.sampling import sample, sample_top_candidates  # noqa: E402
-from dsvl2.tiny import random_model  # noqa: E402
+from dsvl2.model.tiny import random_model  # noqa: E402
+from dsvl2.serving.runner import TOP_CANDIDATES  # noqa: E402
+from dsvl2.serving.sampling import sample, sample_top_candidates  # noqa: E402
 
 ROWS, CONTEXT = 64, 2048
 CACHE: list[torch.Tensor] = []  # the latent cache: batched along dim 1
@@ -56,22 +56,23 @@ def main() -> None:
         layer = lm.model.layers[i]
         att = layer.self_attn
         out[f"L{i}_input_norm"] = diff(lambda x: layer.input_layernorm.decode(x), x)
-        out[f"L{i}_q_kv_a"] = diff(lambda x: kernels.gemv(x[:, 0], att.q_kv_a), x)
-        qkv = kernels.gemv(x[:, 0], att.q_kv_a)
+        out[f"L{i}_q_kv_a"] = diff(lambda x: kernels.linear.gemv(x[:, 0], att.q_kv_a), x)
+        qkv = kernels.linear.gemv(x[:, 0], att.q_kv_a)
         nw = att.kv_a_layernorm
 
         def prologue(qkv, cs, c, p):
-            return kernels.mla_prologue(qkv, cs[:, 0], nw.weight, nw.eps, att.kv_b_proj.weight, c[i].clone(), p,
-                                        att.h, att.nope, att.rope)
+            return kernels.attention.mla_prologue(qkv, cs[:, 0], nw.weight, nw.eps, att.kv_b_proj.weight, c[i].clone(),
+                                                  p, att.h, att.nope, att.rope)
 
         out[f"L{i}_mla_prologue"] = diff(lambda q, c_, cc, p: prologue(q, c_, cc, p), qkv, cs, cache, pos)
         q_lat, q_rope = prologue(qkv, cs, cache, pos)
-        out[f"L{i}_attention"] = diff(lambda ql, qr, c, p: kernels.latent_attention(ql, qr, c[i], p, att.scale),
-                                      q_lat, q_rope, cache, pos)
-        o = kernels.latent_attention(q_lat, q_rope, cache[i], pos, att.scale)
-        out[f"L{i}_value_out"] = diff(lambda o: kernels.value_out(o, att.kv_b_proj.weight, att.nope), o)
-        v = kernels.value_out(o, att.kv_b_proj.weight, att.nope)
-        out[f"L{i}_o_proj"] = diff(lambda v: kernels.gemv(v, att.o_proj.weight), v)
+        attention = kernels.attention.latent_attention
+        out[f"L{i}_attention"] = diff(lambda ql, qr, c, p: attention(ql, qr, c[i], p, att.scale), q_lat, q_rope, cache,
+                                      pos)
+        o = kernels.attention.latent_attention(q_lat, q_rope, cache[i], pos, att.scale)
+        out[f"L{i}_value_out"] = diff(lambda o: kernels.attention.value_out(o, att.kv_b_proj.weight, att.nope), o)
+        v = kernels.attention.value_out(o, att.kv_b_proj.weight, att.nope)
+        out[f"L{i}_o_proj"] = diff(lambda v: kernels.linear.gemv(v, att.o_proj.weight), v)
         if i == 0:
             out["L0_dense_mlp"] = diff(lambda x: layer.mlp.decode(x), x)
         else:
@@ -97,7 +98,7 @@ def main() -> None:
                               noise)
     out["sample_top"] = diff(lambda *t: sample_top_candidates(*t, TOP_CANDIDATES).float(), logits, seen, temp, top_p,
                              top_k, pen, noise)
-    print(json.dumps({"device": torch.cuda.get_device_name(), "pdl": kernels.use_pdl(x), "max_abs_diff": out}),
+    print(json.dumps({"device": torch.cuda.get_device_name(), "pdl": kernels.launch.use_pdl(x), "max_abs_diff": out}),
           flush=True)
 
 

@@ -2,15 +2,16 @@
 allocated on the device as ``Engine.from_pretrained(..., background_load=True)`` does, then ``load_into`` with the
 engine's 0.5 ms thread switch interval (no warm-up and no compilation beside it).
 
-    mkdir -p /tmp/old && git archive COMMIT dsvl2/loader.py | tar x -C /tmp/old
+    mkdir -p /tmp/old && git archive COMMIT dsvl2/model/loader.py | tar x -C /tmp/old   # or dsvl2/loader.py
     python benchmarks/load_time.py CHECKPOINT_DIR --old-src /tmp/old [--runs 3] [--device cuda] [--workers N]
                                   [--keep-page-cache] [--gil-busy]
 
-The earlier loader is imported from ``OLD_SRC/dsvl2/loader.py`` as a module of this package (``dsvl2._loader_old``):
-both run with the same model, config and read-ahead code. Before each load the page cache is dropped (as root;
-where that is not permitted the run is marked ``"page_cache": "kept"``), and the read-ahead's once-per-process
-guard is reset, so that each load starts its read-ahead as in a fresh process. ``--gil-busy`` runs a pure-Python
-thread beside each load, standing in for the compiler that holds the interpreter lock during a real start.
+The earlier loader is imported from ``OLD_SRC/dsvl2/model/loader.py`` (or ``OLD_SRC/dsvl2/loader.py``) as a module of
+this package (``dsvl2.model._loader_old``): both run with the same model, config and read-ahead code. Before each
+load the page cache is dropped (as root; where that is not permitted the run is marked ``"page_cache": "kept"``), and
+the read-ahead's once-per-process guard is reset, so that each load starts its read-ahead as in a fresh process.
+``--gil-busy`` runs a pure-Python thread beside each load, standing in for the compiler that holds the interpreter
+lock during a real start.
 
 Prints one JSON line per load (seconds, GB copied into the model, GB/s, a checksum of the weights) and then a
 summary line (median and minimum seconds per loader, and whether every load gave the same weights).
@@ -20,9 +21,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
+import re
 import statistics
 import sys
 import threading
@@ -34,21 +35,31 @@ from types import ModuleType
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
-from dsvl2 import loader, prefetch  # noqa: E402
-from dsvl2.config import ModelConfig  # noqa: E402
+from dsvl2.model import loader  # noqa: E402
+from dsvl2.model.config import ModelConfig  # noqa: E402
+from dsvl2.startup import prefetch  # noqa: E402
 
 SWITCH_INTERVAL = 5e-4  # as Engine._start_loading sets it for the background load
 
 
 def import_old_loader(src: Path) -> ModuleType:
-    """``src/dsvl2/loader.py`` as ``dsvl2._loader_old``: its relative imports resolve to this checkout's package."""
-    path = src / "dsvl2" / "loader.py"
-    if not path.is_file():
-        raise SystemExit(f"--old-src {src}: no dsvl2/loader.py there")
-    spec = importlib.util.spec_from_file_location("dsvl2._loader_old", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    """``src/dsvl2/model/loader.py`` as ``dsvl2.model._loader_old``: its relative imports resolve to this checkout's
+    package. A loader from before the package folders (``src/dsvl2/loader.py``) has its sibling imports pointed at
+    the modules' new places."""
+    path = src / "dsvl2" / "model" / "loader.py"
+    source = path.read_text() if path.is_file() else None
+    if source is None and (src / "dsvl2" / "loader.py").is_file():
+        path = src / "dsvl2" / "loader.py"
+        moved = {"config": ".config", "errors": "..errors", "model": ".deepseek_vl2", "moe": ".moe",
+                 "prefetch": "..startup.prefetch"}
+        source = re.sub(r"^from \.(\w+) import", lambda m: f"from {moved.get(m[1], '.' + m[1])} import",
+                        path.read_text(), flags=re.MULTILINE)
+    if source is None:
+        raise SystemExit(f"--old-src {src}: no dsvl2/model/loader.py (or dsvl2/loader.py) there")
+    module = ModuleType("dsvl2.model._loader_old")
+    module.__package__, module.__file__ = "dsvl2.model", str(path)
+    sys.modules[module.__name__] = module
+    exec(compile(source, str(path), "exec"), module.__dict__)
     return module
 
 
@@ -95,7 +106,8 @@ def sync(device: torch.device) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint", type=Path)
-    ap.add_argument("--old-src", type=Path, required=True, help="a folder holding the earlier dsvl2/loader.py")
+    ap.add_argument("--old-src", type=Path, required=True,
+                    help="a folder holding the earlier dsvl2/model/loader.py (or dsvl2/loader.py)")
     ap.add_argument("--runs", type=int, default=3, help="loads per loader")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--workers", type=int, default=None, help="load_into's workers (default: each loader's own)")

@@ -19,8 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from PIL import Image  # noqa: E402
 
-from dsvl2.processor import Processor  # noqa: E402
-from dsvl2.tiny import write_processor_files  # noqa: E402
+from dsvl2.inputs.processor import Processor  # noqa: E402
+from dsvl2.model.tiny import write_processor_files  # noqa: E402
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
     python benchmarks/profile_decode.py [CHECKPOINT_DIR] [--trace DIR]
 
 Without a checkpoint the model is built with random weights of the real shapes directly on the GPU
-(``dsvl2.tiny.random_model``), which takes seconds rather than the minutes of writing and loading 32 GB.
+(``dsvl2.model.tiny.random_model``), which takes seconds rather than the minutes of writing and loading 32 GB.
 Prints JSON lines: the Triton kernels against the plain paths, graph-replay times of the parts of a
 decode step (kernels on and off), the compiled step per sampler mode, the time to first token, fast
 against plain greedy ids, and kernel tables of one decode step and one prefill. ``--trace DIR`` also writes
@@ -31,11 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import plain_path, teacher_forced  # noqa: E402
 from gpu_timing import graph_ms, replay_ms  # noqa: E402
 
-from dsvl2 import kernels, moe, moe_kernels  # noqa: E402
-from dsvl2.engine import Engine, EngineConfig  # noqa: E402
-from dsvl2.processor import Processor  # noqa: E402
-from dsvl2.sampling import SamplingParams  # noqa: E402
-from dsvl2.tiny import random_model, write_processor_files  # noqa: E402
+from dsvl2 import kernels  # noqa: E402
+from dsvl2.inputs.processor import Processor  # noqa: E402
+from dsvl2.model import moe  # noqa: E402
+from dsvl2.model.tiny import random_model, write_processor_files  # noqa: E402
+from dsvl2.serving.engine import Engine, EngineConfig  # noqa: E402
+from dsvl2.serving.sampling import SamplingParams  # noqa: E402
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -47,11 +48,11 @@ def emit(**kw) -> None:
 
 
 def without_kernels(fn):
-    saved, kernels.triton = kernels.triton, None
+    saved, kernels.launch.triton = kernels.launch.triton, None
     try:
         return fn()
     finally:
-        kernels.triton = saved
+        kernels.launch.triton = saved
 
 
 @torch.inference_mode()
@@ -81,13 +82,13 @@ def main() -> None:
     cs = lm.rope[engine.pos][:, None]
     att = block.self_attn
     for pdl in (False, True):
-        kernels.PDL = pdl
+        kernels.launch.PDL = pdl
         tag = "pdl_" if pdl else ""
         for tokens in (1, 4):
             xt = torch.randn(1, tokens, d, device="cuda", dtype=torch.bfloat16)
-            moe.MoE.impl = "loop"
+            moe.set_impl(block.mlp, "loop")
             ref = without_kernels(lambda xt=xt: block.mlp(xt))
-            moe.MoE.impl = "grouped"
+            moe.set_impl(block.mlp, "grouped")
             checks[f"{tag}moe_fused_{tokens}_tokens"] = rel(block.mlp(xt), ref)
         ref_cache, got_cache = engine.cache[1].clone(), engine.cache[1].clone()
         ref = without_kernels(lambda c=ref_cache: att.decode(x, cs, c, engine.pos))
@@ -96,7 +97,7 @@ def main() -> None:
         ref_cache, got_cache = engine.cache[1].clone(), engine.cache[1].clone()
         ref = without_kernels(lambda c=ref_cache: block.decode(x, cs, c, engine.pos))
         checks[f"{tag}decoder_layer_pos1500"] = rel(block.decode(x, cs, got_cache, engine.pos), ref)
-    emit(kernel_rel_err=checks, pdl_supported=kernels.use_pdl(x))
+    emit(kernel_rel_err=checks, pdl_supported=kernels.launch.use_pdl(x))
 
     # Parts of a decode step, eager (graph replay): kernels with PDL, without PDL, and off.
     parts = {}
@@ -107,32 +108,32 @@ def main() -> None:
         scale = 1e3 if name.endswith("us") else 1
         times = []
         for pdl in (True, False):
-            kernels.PDL = pdl
+            kernels.launch.PDL = pdl
             times.append(round(graph_ms(fn) * scale, 2))
         times.append(round(without_kernels(lambda fn=fn: graph_ms(fn)) * scale, 2))
         parts[name] = times
-    kernels.PDL = True
+    kernels.launch.PDL = True
     emit(eager_parts_pdl_nopdl_off=parts)
 
     # Block sizes of the whole-row (PDL) matrix-vector kernel (graph replay, microseconds).
     sweep = {}
     wq, wo = block.self_attn.q_kv_a, block.self_attn.o_proj.weight
-    default = kernels.GEMV_PDL_CONFIG
+    default = kernels.linear.GEMV_PDL_CONFIG
     for cfg in ((2, 1), (2, 2), (4, 2), (4, 4), (8, 4)):
-        kernels.GEMV_PDL_CONFIG = cfg
-        sweep[f"gemv_q_kv_a_{cfg}"] = round(1e3 * graph_ms(lambda: kernels.gemv(x, wq)), 2)
-        sweep[f"gemv_o_proj_{cfg}"] = round(1e3 * graph_ms(lambda: kernels.gemv(x, wo)), 2)
-    kernels.GEMV_PDL_CONFIG = default
-    default = moe_kernels.DOWN_CONFIG
+        kernels.linear.GEMV_PDL_CONFIG = cfg
+        sweep[f"gemv_q_kv_a_{cfg}"] = round(1e3 * graph_ms(lambda: kernels.linear.gemv(x, wq)), 2)
+        sweep[f"gemv_o_proj_{cfg}"] = round(1e3 * graph_ms(lambda: kernels.linear.gemv(x, wo)), 2)
+    kernels.linear.GEMV_PDL_CONFIG = default
+    default = kernels.moe.DOWN_CONFIG
     for cfg in ((8, 4), (4, 4), (8, 8), (16, 4)):
-        moe_kernels.DOWN_CONFIG = cfg
+        kernels.moe.DOWN_CONFIG = cfg
         sweep[f"moe_down_pdl_{cfg}"] = round(1e3 * graph_ms(lambda: block.mlp(x)), 2)
-    moe_kernels.DOWN_CONFIG = default
-    kernels.PDL = False
-    sweep["gemv_q_kv_a_loop"] = round(1e3 * graph_ms(lambda: kernels.gemv(x, wq)), 2)
-    sweep["gemv_o_proj_loop"] = round(1e3 * graph_ms(lambda: kernels.gemv(x, wo)), 2)
-    kernels.PDL = True
-    checks = {"gemv_q_kv_a": rel(kernels.gemv(x, wq), torch.nn.functional.linear(x, wq))}
+    kernels.moe.DOWN_CONFIG = default
+    kernels.launch.PDL = False
+    sweep["gemv_q_kv_a_loop"] = round(1e3 * graph_ms(lambda: kernels.linear.gemv(x, wq)), 2)
+    sweep["gemv_o_proj_loop"] = round(1e3 * graph_ms(lambda: kernels.linear.gemv(x, wo)), 2)
+    kernels.launch.PDL = True
+    checks = {"gemv_q_kv_a": rel(kernels.linear.gemv(x, wq), torch.nn.functional.linear(x, wq))}
     emit(sweep_us=sweep, gemv_rel_err=checks)
 
     t1 = time.perf_counter()
@@ -142,10 +143,10 @@ def main() -> None:
     emit(warmup_s_cold_cache=round(time.perf_counter() - t1, 1))
     print(torch._dynamo.utils.compile_times(repr="str"), flush=True)
     steps = {m: round(replay_ms(engine.graphs[m]), 3) for m in ("greedy", "top", "full")}
-    kernels.PDL = False
+    kernels.launch.PDL = False
     engine.capture()
     steps["greedy_no_pdl"] = round(replay_ms(engine.graphs["greedy"]), 3)
-    kernels.PDL = True
+    kernels.launch.PDL = True
     engine.capture()
     steps["greedy_pdl_again"] = round(replay_ms(engine.graphs["greedy"]), 3)
     emit(step_ms=steps)

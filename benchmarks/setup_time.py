@@ -18,11 +18,11 @@ the load takes. The weight check is skipped for these.
 Inductor compiling its kernels in the main process because the pool was not ready): ``early`` starts them in a
 thread right after torch is imported, ``wait`` also waits for them before the warm-up. Not yet measured.
 
-``--no-bundle`` ignores the shipped compile bundles (``dsvl2.compile_bundle``): with an empty compile cache, the
+``--no-bundle`` ignores the shipped compile bundles (``dsvl2.startup.compile_bundle``): with an empty compile cache, the
 first start of a GPU or software stack that has none. ``--save-bundle DIR`` writes this start's compiled code
 into DIR as the bundle for this GPU and stack (after the timings; ``DIR=dsvl2/compiled`` to ship it).
 ``--early-read-ahead`` starts the shards' read-ahead before torch is imported rather than when the engine starts.
-``--load-workers N`` copies N shards side by side, each with its own read-ahead (``dsvl2.loader.LOAD_WORKERS``).
+``--load-workers N`` copies N shards side by side, each with its own read-ahead (``dsvl2.model.loader.LOAD_WORKERS``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pathlib import Path
 t_start = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dsvl2 import prefetch  # noqa: E402 - as predict.py does: before torch is imported
+from dsvl2.startup import prefetch  # noqa: E402 - as predict.py does: before torch is imported
 
 prefetch.start()
 if "--early-read-ahead" in sys.argv:  # the shards' read-ahead from the first moment, beside the imports
@@ -43,11 +43,11 @@ if "--early-read-ahead" in sys.argv:  # the shards' read-ahead from the first mo
 import torch  # noqa: E402
 from stack_sampler import StackSampler  # noqa: E402
 
-import dsvl2.engine  # noqa: E402
-import dsvl2.loader  # noqa: E402
-from dsvl2.engine import Engine, EngineConfig  # noqa: E402
-from dsvl2.loader import DROPPED_PREFIXES, _expert_rows, _target, iter_tensors, shard_files  # noqa: E402
-from dsvl2.prefetch import read_ahead  # noqa: E402
+import dsvl2.model.loader  # noqa: E402
+import dsvl2.serving.engine_startup  # noqa: E402
+from dsvl2.model.loader import DROPPED_PREFIXES, _expert_rows, _target, iter_tensors, shard_files  # noqa: E402
+from dsvl2.serving.engine import Engine, EngineConfig  # noqa: E402
+from dsvl2.startup.prefetch import read_ahead  # noqa: E402
 
 t_import = time.perf_counter() - t_start
 phases: dict[str, float] = {}
@@ -68,7 +68,7 @@ WORKERS = sys.argv[sys.argv.index("--workers") + 1] if "--workers" in sys.argv e
 if WORKERS in ("early", "wait"):
     import threading  # noqa: E402
 
-    from dsvl2.compilation import start_compile_workers  # noqa: E402
+    from dsvl2.startup.compilation import start_compile_workers  # noqa: E402
 
     threading.Thread(target=start_compile_workers, name="early-compile-workers", daemon=True).start()
 if WORKERS == "wait":
@@ -118,11 +118,12 @@ def copy_pageable(model, ckpt, log):
     log(f"copied {total / 1e9:.2f} GB host to GPU in {time.perf_counter() - t0:.1f} s (no disk)")
 
 
+startup = dsvl2.serving.engine_startup  # where the engine's start-up looks these names up
 if BACKGROUND != "load":
-    dsvl2.engine.load_into = {"none": lambda model, ckpt, log: None, "disk": read_shards,
-                              "h2d": copy_pageable}[BACKGROUND]
-dsvl2.engine.allocate_model = timed("allocate_model_s", dsvl2.engine.allocate_model)
-dsvl2.engine.Processor.from_pretrained = timed("processor_s", dsvl2.engine.Processor.from_pretrained)
+    startup.load_into = {"none": lambda model, ckpt, log: None, "disk": read_shards,
+                         "h2d": copy_pageable}[BACKGROUND]
+startup.allocate_model = timed("allocate_model_s", startup.allocate_model)
+startup.Processor.from_pretrained = timed("processor_s", startup.Processor.from_pretrained)
 Engine._load_compile_bundle = timed("bundle_s", Engine._load_compile_bundle)
 sampler = StackSampler(interval=0.01, depth=6) if "--sample-stacks" in sys.argv else None
 if sampler:
@@ -131,7 +132,7 @@ t0 = time.perf_counter()
 torch.zeros(1, device="cuda")
 t_cuda = time.perf_counter() - t0
 if "--load-workers" in sys.argv:
-    dsvl2.loader.LOAD_WORKERS = int(sys.argv[sys.argv.index("--load-workers") + 1])
+    dsvl2.model.loader.LOAD_WORKERS = int(sys.argv[sys.argv.index("--load-workers") + 1])
 engine = Engine.from_pretrained(sys.argv[1], EngineConfig(background_load=True), log=lambda s: print(s, flush=True))
 if "--no-bundle" in sys.argv:
     engine.bundle_dirs = []
@@ -148,7 +149,7 @@ timings = {"import_s": round(t_import, 1), "cuda_init_s": round(t_cuda, 1), "all
            "setup_s": round(time.perf_counter() - t_start, 1), **phases}
 
 if "--save-bundle" in sys.argv:
-    from dsvl2 import compile_bundle  # noqa: E402
+    from dsvl2.startup import compile_bundle  # noqa: E402
 
     compile_bundle.save(Path(sys.argv[sys.argv.index("--save-bundle") + 1]), "cuda", log=print)
 if BACKGROUND != "load":

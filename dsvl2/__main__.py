@@ -2,7 +2,7 @@
 
 It runs the service's engine, configured as predict.py configures it (``settings.engine_config``: warmed up, and on
 the GPU compiled and captured with the weights streaming in meanwhile), from the same environment variables
-(dsvl2/settings.py documents them: DSVL2_MAX_BATCH, DSVL2_BATCH_INVARIANT, DSVL2_STREAM_INTERVAL_MS,
+(dsvl2/settings.py documents them: DSVL2_MAX_BATCH, DSVL2_BATCH_INVARIANT, DSVL2_PDL, DSVL2_STREAM_INTERVAL_MS,
 DSVL2_COMPILE_CACHE), but ``--device`` and ``--dtype`` instead of DSVL2_DEVICE.
 """
 
@@ -15,10 +15,10 @@ import sys
 import torch
 
 from . import settings
-from .engine import Engine
 from .errors import CheckpointError, InputError
-from .images import load_image
-from .sampling import SamplingParams
+from .inputs.images import load_image
+from .serving.engine import Engine
+from .serving.sampling import SamplingParams
 
 
 def log(message: str) -> None:
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="default: bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     args = ap.parse_args(argv)
+    engine = None
     try:
         settings.use_compile_cache()
         config = settings.engine_config(args.device, getattr(torch, args.dtype) if args.dtype else None)
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if engine is not None:
+            engine.close()  # the scheduler's thread ends before the interpreter does
     if args.json:
         print(json.dumps({"text": "".join(chunks), "prompt_token_ids": req.encoded.input_ids.tolist(),
                           "output_token_ids": req.output_ids, "finish_reason": req.stats.finish_reason,

@@ -1,7 +1,7 @@
 """The settings of the service (predict.py) and the command line (``python -m dsvl2``), from the environment.
 
 Both read their environment through this module and nowhere else; the engine gets what it needs as an
-``EngineConfig`` (dsvl2.engine_config). Nothing heavy is imported here at module level: predict.py reads
+``EngineConfig`` (dsvl2.serving.engine_config). Nothing heavy is imported here at module level: predict.py reads
 DSVL2_DEVICE through it before torch is imported.
 
 Environment:
@@ -18,15 +18,15 @@ Environment:
   DSVL2_BATCH_INVARIANT  `1` (default): a prediction's tokens are the same whatever else is in its batch (seeds
                  hold under load; tensor-core kernels at every batch size). `0`: a prediction decoding alone runs on
                  CUDA-core kernels, 7 % faster, and its tokens then depend on whether it is alone (BENCHMARKS.md).
+  DSVL2_PDL      `0` launches the decode kernels without programmatic dependent launch (default on for Hopper and
+                 later; same results, ≈ 7 % slower decode on an H100).
   DSVL2_ALLOW_LOCAL_FILES  `1` lets HTTP clients name image files on the server's disk by path, for trusted
                  local use only. Unset (or `0`), image inputs over HTTP must be http(s) URLs or data URIs (coglet
                  downloads them); a path is refused with one message whatever is or is not there. Direct Python
                  calls of `Runner.run` and the command line always read local paths.
   COG_MAX_CONCURRENCY  coglet's prediction slots (read by coglet when the server starts; cog.yaml's
                  `concurrency.max` in a built image): predictions beyond it get HTTP 409. Here only for the log.
-Still read where they are used (to be moved into EngineConfig):
-  DSVL2_PDL      `0` launches the decode kernels without programmatic dependent launch (default on for Hopper and
-                 later; same results, ≈ 7 % slower decode on an H100). Read by dsvl2/kernels.py when imported.
+Still read where it is used:
   DSVL2_EMULATE_GPU  `l40s|a100-40|a100-80|h100|h200`: kernel choices and batch slots as on that GPU (tests and
                  benchmarks). Read by dsvl2/gpus.py.
 """
@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from dsvl2.engine_config import EngineConfig
+    from dsvl2.serving.engine_config import EngineConfig
 
 WEIGHTS_ENV = "DSVL2_WEIGHTS"
 DEVICE_ENV = "DSVL2_DEVICE"
@@ -48,6 +48,7 @@ CACHE_ENV = "DSVL2_COMPILE_CACHE"
 BATCH_ENV = "DSVL2_MAX_BATCH"
 INVARIANT_ENV = "DSVL2_BATCH_INVARIANT"
 INTERVAL_ENV = "DSVL2_STREAM_INTERVAL_MS"
+PDL_ENV = "DSVL2_PDL"
 LOCAL_FILES_ENV = "DSVL2_ALLOW_LOCAL_FILES"
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"  # beside predict.py
 DEVICES = ("cuda", "cpu")
@@ -67,7 +68,7 @@ def engine_config(device: str | None = None, dtype: torch.dtype | None = None) -
     never a silent CPU fallback."""
     import torch
 
-    from dsvl2.engine_config import EngineConfig
+    from dsvl2.serving.engine_config import EngineConfig
 
     device = device or device_name()
     if device not in DEVICES:
@@ -79,7 +80,7 @@ def engine_config(device: str | None = None, dtype: torch.dtype | None = None) -
             "(meant for tests and the demo)."
         )
     return EngineConfig(device=device, dtype=dtype, slots=batch_slots(), batch_invariant=batch_invariant(),
-                        stream_interval=stream_interval(), warmup=True)
+                        pdl=pdl(), stream_interval=stream_interval(), warmup=True)
 
 
 def batch_slots() -> int | None:
@@ -96,6 +97,11 @@ def batch_invariant() -> bool:
     if raw not in ("0", "1"):
         raise RuntimeError(f"{INVARIANT_ENV}={raw!r} is not supported: use 1 (default) or 0")
     return raw == "1"
+
+
+def pdl() -> bool:
+    """DSVL2_PDL: anything but `0` (default on)."""
+    return os.environ.get(PDL_ENV, "1") != "0"
 
 
 def stream_interval() -> float:

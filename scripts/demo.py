@@ -45,7 +45,7 @@ def choose_model(download: bool) -> tuple[Path, str, bool]:
     weights = Path(os.environ.get("DSVL2_WEIGHTS", ROOT / "weights"))
     has_gpu = torch.cuda.is_available()
     if has_gpu and download and not (weights / "config.json").is_file():
-        from dsvl2.download import ensure_checkpoint
+        from dsvl2.startup.download import ensure_checkpoint
 
         ensure_checkpoint(weights, log=lambda m: print(m, flush=True))
     if has_gpu and (weights / "config.json").is_file():
@@ -57,7 +57,7 @@ def choose_model(download: bool) -> tuple[Path, str, bool]:
           f"# Its answer is meaningless text; everything else (processor, engine, server, streaming,\n"
           f"# metrics) is the real code path.\n{banner}", flush=True)
     if not (DEMO_WEIGHTS / "config.json").is_file():
-        from dsvl2.tiny import build_random_checkpoint
+        from dsvl2.model.tiny import build_random_checkpoint
 
         build_random_checkpoint(DEMO_WEIGHTS, preset="demo", seed=0)
         print(f"demo: wrote the random demonstration checkpoint to {DEMO_WEIGHTS}", flush=True)

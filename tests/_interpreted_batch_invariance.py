@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from _launch_modes import launch_mode, random_language_model
 
-from dsvl2 import kernels, moe
-from dsvl2.config import LanguageConfig
-from dsvl2.language import RMSNorm
+from dsvl2 import kernels
+from dsvl2.model import moe
+from dsvl2.model.config import LanguageConfig
+from dsvl2.model.language import RMSNorm
 
 torch.manual_seed(0)
 results: dict[str, float] = {}
@@ -56,12 +57,14 @@ def check_gemv(tag: str) -> None:
                 continue
             w = (0.1 * torch.randn(n, k)).to(dtype)
             x, others = torch.randn(64, k).to(dtype), torch.randn(6, k).to(dtype)
-            with mock.patch.object(kernels, "GEMV_WIDE_N", wide):
-                results[f"{tag}gemv_{name}{dtype}_rel"] = rel(kernels.gemv(x, w), F.linear(x, w))
-                results[f"{tag}gemv_{name}{dtype}_invariant"] = invariant(lambda r, w=w: kernels.gemv(r, w), x, others)
+            with mock.patch.object(kernels.linear, "GEMV_WIDE_N", wide):
+                results[f"{tag}gemv_{name}{dtype}_rel"] = rel(kernels.linear.gemv(x, w), F.linear(x, w))
+                results[f"{tag}gemv_{name}{dtype}_invariant"] = invariant(lambda r, w=w: kernels.linear.gemv(r, w), x,
+                                                                          others)
     w = 0.1 * torch.randn(50, 96)
     x = torch.randn(5, 96)
-    results[f"{tag}gemv_float_out"] = float(torch.equal(kernels.gemv(x, w, float_out=True), kernels.gemv(x, w).float()))
+    gemv = kernels.linear.gemv
+    results[f"{tag}gemv_float_out"] = float(torch.equal(gemv(x, w, float_out=True), gemv(x, w).float()))
 
 
 def check_rms_norm(tag: str) -> None:
@@ -133,13 +136,13 @@ def check_model(tag: str) -> None:
 
     with torch.inference_mode():
         plain = step(torch.arange(rows))
-        with mock.patch.object(kernels, "available", lambda t: True):
+        with mock.patch.object(kernels.launch, "available", lambda t: True):
             x = torch.zeros(rows, 1, cfg.hidden_size)
             dense, moe_layer = lm.model.layers
             results[f"{tag}model_kernel_paths"] = float(
                 dense.self_attn._kernels_ok(x) and moe_layer.mlp.decode_kernels_ok(x)
-                and kernels.gemv_ok(x, dense.mlp.gate_up) and kernels.rms_norm_ok(x, lm.model.norm.weight)
-                and kernels.gemv_ok(x[:, 0], lm.lm_head.weight))
+                and kernels.linear.gemv_ok(x, dense.mlp.gate_up) and kernels.norm.rms_norm_ok(x, lm.model.norm.weight)
+                and kernels.linear.gemv_ok(x[:, 0], lm.lm_head.weight))
             fast = step(torch.arange(rows))
             results[f"{tag}model_rel"] = rel(fast, plain)
             results[f"{tag}model_argmax_equal"] = float(torch.equal(fast.argmax(-1), plain.argmax(-1)))
@@ -153,20 +156,22 @@ def check_model(tag: str) -> None:
 
 # The matrix-vector and norm kernels in both launch modes (their variants differ); the MoE kernels and the model as
 # launched on Hopper (with PDL). "kernels" or "model" (argv[1]): one half each, so that the tests run both at once.
-# The matrix products both ways (``kernels.CUDA_CORE_ROWS``): tensor cores (batch invariant) and CUDA cores ("cc_").
+# The matrix products both ways (``kernels.launch.CUDA_CORE_ROWS``): tensor cores (batch invariant) and CUDA cores
+# ("cc_").
+ROWS = kernels.launch.MAX_DECODE_TOKENS
 if sys.argv[1] == "kernels":
     for pdl in (False, True):
-        with launch_mode(pdl), mock.patch.object(kernels, "available", lambda t: True):
+        with launch_mode(pdl), mock.patch.object(kernels.launch, "available", lambda t: True):
             check_rms_norm("pdl_" if pdl else "")
             for cores in ("", "cc_"):
-                with mock.patch.object(kernels, "CUDA_CORE_ROWS", kernels.MAX_DECODE_TOKENS if cores else 0):
+                with mock.patch.object(kernels.launch, "CUDA_CORE_ROWS", ROWS if cores else 0):
                     check_gemv(cores + ("pdl_" if pdl else ""))
-    with launch_mode(True), mock.patch.object(kernels, "available", lambda t: True):
+    with launch_mode(True), mock.patch.object(kernels.launch, "available", lambda t: True):
         for cores in ("", "cc_"):
-            with mock.patch.object(kernels, "CUDA_CORE_ROWS", kernels.MAX_DECODE_TOKENS if cores else 0):
+            with mock.patch.object(kernels.launch, "CUDA_CORE_ROWS", ROWS if cores else 0):
                 check_moe(cores + "pdl_")
 else:
-    with launch_mode(True), mock.patch.object(kernels, "ATTENTION_SPLITS", 4):
+    with launch_mode(True), mock.patch.object(kernels.attention, "ATTENTION_SPLITS", 4):
         check_model("pdl_")
 
 print(json.dumps(results))

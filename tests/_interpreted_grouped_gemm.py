@@ -1,5 +1,5 @@
 """Run by tests/test_kernels.py in a subprocess with TRITON_INTERPRET=1: the prefill's grouped expert product
-(``dsvl2.grouped_gemm``) on the CPU against a loop over the experts and against the torch path of the MoE block,
+(``dsvl2.kernels.grouped_gemm``) on the CPU against a loop over the experts and against the torch path of the MoE block,
 in float32 (exact up to summation order) and bfloat16. Prints JSON."""
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from dsvl2 import grouped_gemm, kernels, moe
-from dsvl2.config import LanguageConfig
+from dsvl2 import kernels
+from dsvl2.kernels import grouped_gemm
+from dsvl2.model import moe
+from dsvl2.model.config import LanguageConfig
 
 torch.manual_seed(0)
 results: dict[str, float] = {}
@@ -48,9 +50,9 @@ for dtype, tma in itertools.product((torch.float32, torch.bfloat16), (False, Tru
         # product across a rounding boundary
         results[f"grouped_mm_silu_{mode}bfloat16_equal"] = (got_h[:rows] == ref_h).float().mean().item()
 
-# Default blocks only where the shapes are multiples of them; the decision follows kernels.available.
+# Default blocks only where the shapes are multiples of them; the decision follows kernels.launch.available.
 results["grouped_mm_ok_cpu"] = float(grouped_gemm.grouped_mm_ok(x, w))
-with mock.patch.object(kernels, "available", lambda t: True):
+with mock.patch.object(kernels.launch, "available", lambda t: True):
     big = torch.zeros(4, 256, 128, dtype=torch.bfloat16)
     results["grouped_mm_ok_forced"] = float(grouped_gemm.grouped_mm_ok(x, big)
                                             and grouped_gemm.grouped_mm_ok(x, big, silu_pairs=True))
@@ -70,7 +72,8 @@ for dtype in (torch.float32, torch.bfloat16):
     x = torch.randn(40, cfg.hidden_size, dtype=dtype)
     weights, ids = layer.route(x)
     ref = moe.looped_experts(x, weights, ids, layer.experts)
-    with (mock.patch.object(kernels, "available", lambda t: True), mock.patch.dict(grouped_gemm.CONFIGS, small_sites),
+    with (mock.patch.object(kernels.launch, "available", lambda t: True),
+          mock.patch.dict(grouped_gemm.CONFIGS, small_sites),
           mock.patch.object(grouped_gemm, "grouped_mm", wraps=grouped_gemm.grouped_mm) as spy):
         if dtype == torch.float32:  # grouped_mm_ok takes only bf16/fp16 (the GPU's dot would be TF32)
             forced = mock.patch.object(grouped_gemm, "grouped_mm_ok", lambda x, w, silu_pairs=False: True)
@@ -82,7 +85,7 @@ for dtype in (torch.float32, torch.bfloat16):
     results[f"grouped_experts_{dtype}"] = rel(got, ref)
 
 # A custom operator with a fake implementation: the grouped experts compile as one graph around the kernel.
-with mock.patch.object(kernels, "available", lambda t: True), mock.patch.dict(grouped_gemm.CONFIGS, small_sites):
+with mock.patch.object(kernels.launch, "available", lambda t: True), mock.patch.dict(grouped_gemm.CONFIGS, small_sites):
     step = torch.compile(moe.grouped_experts, backend="eager", fullgraph=True)
     results["grouped_experts_fullgraph_bfloat16"] = rel(step(x, weights, ids, layer.experts), ref)
 

@@ -10,9 +10,10 @@ from unittest import mock
 import torch
 from _launch_modes import launch_mode
 
-from dsvl2 import kernels, moe, moe_kernels
-from dsvl2.config import LanguageConfig
-from dsvl2.language import Attention, DecoderLayer, rope_table
+from dsvl2 import kernels
+from dsvl2.model import moe
+from dsvl2.model.config import LanguageConfig
+from dsvl2.model.language import Attention, DecoderLayer, rope_table
 
 torch.manual_seed(0)
 results: dict[str, float] = {}
@@ -38,7 +39,7 @@ def check_kernels(tag: str) -> None:
             x = torch.randn(1, tokens, cfg.hidden_size, dtype=dtype)
             with mock.patch.object(moe.MoE, "impl", "loop"):
                 ref = layer(x)
-            with mock.patch.object(kernels, "available", lambda t: True):
+            with mock.patch.object(kernels.launch, "available", lambda t: True):
                 got = layer(x)
             results[f"{tag}moe_{dtype}_{tokens}"] = rel(got, ref)
 
@@ -46,9 +47,9 @@ def check_kernels(tag: str) -> None:
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(3, 1024, dtype=dtype)
         w = (0.05 * torch.randn(1000, 1024)).to(dtype)
-        results[f"{tag}gemv_{dtype}"] = rel(kernels.gemv(x, w), torch.nn.functional.linear(x, w))
+        results[f"{tag}gemv_{dtype}"] = rel(kernels.linear.gemv(x, w), torch.nn.functional.linear(x, w))
 
-    counters = moe_kernels._route_counters.values()
+    counters = kernels.moe._route_counters.values()
     results[f"{tag}route_counters_back_to_zero"] = float(all(int(c.abs().sum()) == 0 for c in counters))
 
     # Latent attention: the split-K kernel inside Attention.decode vs the plain matmul-softmax path.
@@ -68,7 +69,7 @@ def check_kernels(tag: str) -> None:
     cos_sin = table[pos % 512][:, None]
     ref_cache, got_cache = cache.clone(), cache.clone()
     ref = attn.decode(x, cos_sin, ref_cache, pos)
-    with mock.patch.object(kernels, "available", lambda t: True):
+    with mock.patch.object(kernels.launch, "available", lambda t: True):
         results[f"{tag}attention_kernel_path"] = float(attn._kernels_ok(x))
         got = attn.decode(x, cos_sin, got_cache, pos)
     results[f"{tag}attention_torch.float32"] = rel(got, ref)
@@ -99,7 +100,7 @@ def check_kernels(tag: str) -> None:
     ref_cache, got_cache = cache.clone(), cache.clone()
     with torch.inference_mode():
         ref = dlayer.decode(x, table[pos][:, None], ref_cache, pos)
-        with mock.patch.object(kernels, "available", lambda t: True):
+        with mock.patch.object(kernels.launch, "available", lambda t: True):
             results[f"{tag}layer_moe_kernel_path"] = float(dlayer.mlp.decode_kernels_ok(x))
             step = torch.compile(dlayer.decode, backend="eager", fullgraph=True)
             got = step(x, table[pos][:, None], got_cache, pos)

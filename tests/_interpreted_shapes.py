@@ -13,7 +13,7 @@ import torch
 from _launch_modes import random_language_model
 
 from dsvl2 import kernels
-from dsvl2.config import LanguageConfig
+from dsvl2.model.config import LanguageConfig
 
 torch.manual_seed(0)
 results: dict[str, float] = {}
@@ -40,21 +40,21 @@ def check(name: str, overrides: dict) -> None:
     ref_cache, got_cache = cache.clone(), cache.clone()
     with torch.inference_mode():
         plain = lm.decode(tokens, pos, ref_cache)
-        with mock.patch.object(kernels, "available", lambda t: True):
+        with mock.patch.object(kernels.launch, "available", lambda t: True):
             x = torch.zeros(rows, 1, cfg.hidden_size)
             dense, moe_layer = lm.model.layers
             results[f"{name}_attention_kernel"] = float(dense.self_attn._kernels_ok(x)
                                                         and moe_layer.self_attn._kernels_ok(x))
             results[f"{name}_moe_kernel"] = float(moe_layer.mlp.decode_kernels_ok(x))
-            results[f"{name}_gemv_kernel"] = float(kernels.gemv_ok(x, dense.mlp.gate_up)
-                                                   and kernels.gemv_ok(x[:, 0], lm.lm_head.weight))
+            results[f"{name}_gemv_kernel"] = float(kernels.linear.gemv_ok(x, dense.mlp.gate_up)
+                                                   and kernels.linear.gemv_ok(x[:, 0], lm.lm_head.weight))
             fast = lm.decode(tokens, pos, got_cache)
     results[f"{name}_rel"] = rel(fast, plain)
     results[f"{name}_argmax_equal"] = float(torch.equal(fast.argmax(-1), plain.argmax(-1)))
     results[f"{name}_cache_rel"] = rel(got_cache, ref_cache)
 
 
-with mock.patch.object(kernels, "ATTENTION_SPLITS", 4):  # 4 splits rather than 64, for the interpreter's sake
+with mock.patch.object(kernels.attention, "ATTENTION_SPLITS", 4):  # 4 splits rather than 64, for the interpreter's sake
     for case in sys.argv[1:] or CASES:  # the cases named (the test runs them side by side), else all
         check(case, CASES[case])
 

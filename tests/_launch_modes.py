@@ -9,9 +9,9 @@ from unittest import mock
 import triton
 import triton.language as tl  # noqa: F401 - must be visible to the jit function below
 
-from dsvl2 import kernels, moe_kernels
-from dsvl2.config import LanguageConfig
-from dsvl2.language import LanguageModel
+from dsvl2 import kernels
+from dsvl2.model.config import LanguageConfig
+from dsvl2.model.language import LanguageModel
 
 
 @triton.jit
@@ -27,8 +27,8 @@ def launch_mode(pdl: bool):
         yield
         return
     with contextlib.ExitStack() as patches:
-        patches.enter_context(mock.patch.object(kernels, "_pdl_args", lambda t: {"USE_PDL": True}))
-        for module in (kernels, moe_kernels):
+        patches.enter_context(mock.patch.object(kernels.launch, "pdl_args", lambda t: {"USE_PDL": True}))
+        for module in (kernels.attention, kernels.linear, kernels.norm, kernels.moe, kernels.moe_experts):
             patches.enter_context(mock.patch.object(module, "gdc_wait", _no_op))
             patches.enter_context(mock.patch.object(module, "gdc_launch_dependents", _no_op))
         yield

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from dsvl2.loader import iter_tensors, shard_files
+from dsvl2.model.loader import iter_tensors, shard_files
 
 
 def deepseek_v2_reference(ckpt: Path):

@@ -8,6 +8,6 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random checkpoint in the official layout, built once per test session."""
-    from dsvl2.tiny import build_random_checkpoint
+    from dsvl2.model.tiny import build_random_checkpoint
 
     return build_random_checkpoint(tmp_path_factory.mktemp("tiny") / "checkpoint", preset="demo", seed=0)

@@ -1,9 +1,11 @@
+"""The compiler's start-up pieces (dsvl2.startup.compilation): the quick autotune and the compiler imported once."""
+
 from __future__ import annotations
 
 import pytest
 from torch._inductor.runtime import benchmarking
 
-from dsvl2.compilation import QUICK_BENCHMARK_ITERS, QUICK_BENCHMARK_MS, quick_autotune
+from dsvl2.startup.compilation import QUICK_BENCHMARK_ITERS, QUICK_BENCHMARK_MS, quick_autotune
 
 
 def test_quick_autotune_shortens_inductors_benchmarks_and_restores_them(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -45,9 +47,9 @@ def test_background_load_imports_the_compiler_before_any_thread_needs_it(tiny_ch
 
     code = f"""
 import sys, torch
-from dsvl2.engine import Engine, EngineConfig
-from dsvl2.config import ModelConfig
-from dsvl2.model import DeepseekVL2
+from dsvl2.serving.engine import Engine, EngineConfig
+from dsvl2.model.config import ModelConfig
+from dsvl2.model.deepseek_vl2 import DeepseekVL2
 with torch.device("meta"):
     DeepseekVL2(ModelConfig.from_file({str(tiny_checkpoint / "config.json")!r}))
 assert "torch._dynamo" not in sys.modules, "building the model imported the compiler"

@@ -1,4 +1,4 @@
-"""Compile bundles (dsvl2.compile_bundle): named by GPU and software, found in order, loaded before the warm-up,
+"""Compile bundles (dsvl2.startup.compile_bundle): named by GPU and software, found in order, loaded before the warm-up,
 and a real round trip through torch.compile's portable cache on the CPU."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dsvl2 import compile_bundle
-from dsvl2.engine import Engine, EngineConfig
+from dsvl2.serving.engine import Engine, EngineConfig
+from dsvl2.startup import compile_bundle
 
 H200 = {"device": "NVIDIA H200", "torch": "2.11.0+cu130", "triton": "3.6.0"}
 
@@ -79,7 +79,7 @@ ROUND_TRIP = """
 import os, sys, torch
 from pathlib import Path
 from torch._dynamo.utils import counters
-from dsvl2 import compile_bundle
+from dsvl2.startup import compile_bundle
 def f(x):
     return torch.nn.functional.silu(x) * x.cos() + 1
 mode, out = sys.argv[1], Path(sys.argv[2])

@@ -45,8 +45,17 @@ class SSE:
         self.thread.start()
 
     def _run(self) -> None:
-        with requests.post(f"{self.srv.url}/predictions", json={"input": self.inputs}, stream=True, timeout=300,
-                           headers={"Accept": "text/event-stream"}) as r:
+        # coglet answers 409 for a moment after a prediction returns, before its slot is free again: a client
+        # retries (README), and so does this one, for up to 10 s (the test that wants a 409 posts on its own).
+        deadline = time.monotonic() + 10
+        while True:
+            r = requests.post(f"{self.srv.url}/predictions", json={"input": self.inputs}, stream=True, timeout=300,
+                              headers={"Accept": "text/event-stream"})
+            if r.status_code != 409 or time.monotonic() > deadline:
+                break
+            r.close()
+            time.sleep(0.05)
+        with r:
             self.status = r.status_code
             if r.status_code != 200:
                 return

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from dsvl2.detokenize import REPLACEMENT, StreamDecoder
+from dsvl2.serving.detokenize import REPLACEMENT, StreamDecoder
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 

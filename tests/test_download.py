@@ -1,4 +1,4 @@
-"""dsvl2.download against a fake Hugging Face Hub on 127.0.0.1, reached through HF_ENDPOINT.
+"""dsvl2.startup.download against a fake Hugging Face Hub on 127.0.0.1, reached through HF_ENDPOINT.
 
 The fake speaks what huggingface_hub's snapshot_download needs: the revision API (with file sizes and hashes),
 the tree API, and HEAD/GET on /resolve/ with ETag, X-Repo-Commit, Content-Length and Range.
@@ -23,8 +23,8 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 
-from dsvl2 import download
-from dsvl2.download import DownloadError, ensure_checkpoint
+from dsvl2.startup import download
+from dsvl2.startup.download import DownloadError, ensure_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO = "fake-org/fake-vl2-small"
@@ -221,12 +221,13 @@ def test_killed_download_never_leaves_a_partial_checkpoint(hub: FakeHub, tmp_pat
     is missing, and the checkpoint directory appears only when complete."""
     hub.stall = {SHARD1: threading.Event()}
     dest, staging = tmp_path / "weights", tmp_path / "weights.partial"
-    code = f"from dsvl2.download import ensure_checkpoint; ensure_checkpoint({str(dest)!r}, {REPO!r})"
+    code = f"from dsvl2.startup.download import ensure_checkpoint; ensure_checkpoint({str(dest)!r}, {REPO!r})"
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
-        while not ((staging / SHARD2).is_file() and any(staging.rglob("*.incomplete"))):
+        # The shard's GET must have reached the hub (its .incomplete file is made before the request is sent).
+        while not ((staging / SHARD2).is_file() and any(staging.rglob("*.incomplete")) and hub.gets(SHARD1)):
             assert proc.poll() is None and time.monotonic() < deadline, "the download did not get under way"
             assert not dest.exists()
             time.sleep(0.02)

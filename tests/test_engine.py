@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dsvl2.engine import Engine, EngineConfig
 from dsvl2.errors import InputError, PromptTooLong
-from dsvl2.processor import image_token_count
-from dsvl2.runner import sampler_mode
-from dsvl2.sampling import SamplingParams
+from dsvl2.inputs.processor import image_token_count
+from dsvl2.serving.engine import Engine, EngineConfig
+from dsvl2.serving.runner import sampler_mode
+from dsvl2.serving.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, top_p=1.0, top_k=50, repetition_penalty=1.0, seed=0)
 
@@ -205,7 +205,7 @@ def test_generation_through_the_bucketed_prefill_equals_the_plain_one(engine: En
     list(engine.stream(ref))
 
     runner = engine.runner
-    monkeypatch.setattr("dsvl2.runner.capture_graph", _fake_capture)
+    monkeypatch.setattr("dsvl2.serving.runner.capture_graph", _fake_capture)
     monkeypatch.setattr(runner, "use_graphs", True)
     monkeypatch.setattr(runner, "prefill_graphs", {})
     monkeypatch.setattr(runner, "encode_tiles", runner.model.encode_tiles)  # vision eager
@@ -258,7 +258,7 @@ def test_vision_graphs_replay_each_tile_count_with_the_new_pixels(engine: Engine
         req = engine.prepare("<image>\nDescribe.", [image], GREEDY, 8)
         list(engine.stream(req))
         expected.append((req.output_ids, req.encoded.pixel_values.shape[0]))
-    monkeypatch.setattr("dsvl2.runner.capture_graph", _fake_capture)
+    monkeypatch.setattr("dsvl2.serving.runner.capture_graph", _fake_capture)
     monkeypatch.setattr(engine.runner, "use_graphs", True)
     monkeypatch.setattr(engine.runner, "_graphed_prefill", lambda embeds: None)  # language model eager
     monkeypatch.setattr(engine.runner, "vision_graphs", {})
@@ -279,7 +279,7 @@ def test_a_failed_vision_capture_falls_back_to_the_plain_tower(engine: Engine,
     def failing(fn, pool, warmups):
         raise RuntimeError("simulated capture failure")
 
-    monkeypatch.setattr("dsvl2.runner.capture_graph", failing)
+    monkeypatch.setattr("dsvl2.serving.runner.capture_graph", failing)
     monkeypatch.setattr(engine.runner, "use_graphs", True)
     monkeypatch.setattr(engine.runner, "_graphed_prefill", lambda embeds: None)
     monkeypatch.setattr(engine.runner, "vision_graphs", {})
@@ -296,7 +296,7 @@ def test_a_failed_vision_capture_falls_back_to_the_plain_tower(engine: Engine,
 
 def test_capture_prepares_the_vision_graph_of_every_single_image_tile_count(engine: Engine,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("dsvl2.runner.capture_graph", _fake_capture)
+    monkeypatch.setattr("dsvl2.serving.runner.capture_graph", _fake_capture)
     monkeypatch.setattr(engine.runner, "use_graphs", True)
     monkeypatch.setattr(engine.runner, "decode_graphs", {})
     monkeypatch.setattr(engine.runner, "vision_graphs", {})
@@ -333,8 +333,29 @@ def test_a_failed_kernel_precompile_is_logged_not_raised(engine: Engine, monkeyp
     def broken(run, device, workers=8):
         raise RuntimeError("ptxas fatal")
 
-    monkeypatch.setattr(kernels, "precompile", broken)
+    monkeypatch.setattr(kernels.launch, "precompile", broken)
     engine.logs.clear()
     engine._precompile_kernels()
     assert engine.logs == ["compiling the Triton kernels ahead failed (RuntimeError: ptxas fatal); they compile at "
                            "first use"]
+
+
+def test_the_config_sets_pdl_and_the_models_moe_implementation(engine: Engine) -> None:
+    # EngineConfig.pdl is the kernels' launch mode (process-wide) and EngineConfig.moe_impl this engine's model's own.
+    from dsvl2 import kernels
+    from dsvl2.model.moe import MoE, set_impl
+
+    def impls() -> set[str]:
+        return {m.impl for m in engine.model.modules() if isinstance(m, MoE)}
+
+    assert kernels.launch.PDL and impls() == {"grouped"}
+    try:
+        Engine(engine.model, engine.processor, EngineConfig(device="cpu", pdl=False, moe_impl="loop"))
+        assert not kernels.launch.PDL and impls() == {"loop"}
+    finally:
+        kernels.launch.set_pdl(True)
+        set_impl(engine.model, "grouped")
+    with pytest.raises(ValueError, match="moe_impl must be 'grouped' or 'loop', got 'looped'"):
+        EngineConfig(device="cpu", moe_impl="looped")
+    with pytest.raises(ValueError, match="unknown MoE implementation 'fast'"):
+        set_impl(engine.model, "fast")

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dsvl2 import gpus, grouped_gemm, kernels, moe_kernels
+from dsvl2 import gpus, kernels
+from dsvl2.kernels import grouped_gemm
 
 GiB = 1 << 30
 
@@ -33,8 +34,8 @@ def h200(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (props.total_memory - 100 * GiB,
                                                                     props.total_memory))
     monkeypatch.setattr(gpus, "_measured", {})
-    monkeypatch.setattr(kernels, "_pdl_devices", {})
-    monkeypatch.setattr(kernels, "triton", kernels.triton or object())
+    monkeypatch.setattr(kernels.launch, "_pdl_devices", {})
+    monkeypatch.setattr(kernels.launch, "triton", kernels.launch.triton or object())
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv(gpus.EMULATE_ENV, raising=False)
     return calls
@@ -59,7 +60,7 @@ def test_kernel_choices_per_profile(h200, monkeypatch: pytest.MonkeyPatch, name:
     p = gpus.profile(0)
     assert p is gpus.PROFILES[name] and gpus.capability(0) == p.capability
     assert gpus.shared_memory_optin(0) == p.shared_memory_optin
-    assert kernels.use_pdl(FakeCuda()) == (hopper and kernels._launch_pdl_supported())
+    assert kernels.launch.use_pdl(FakeCuda()) == (hopper and kernels.launch._launch_pdl_supported())
     w13 = torch.zeros(4, 512, 256, dtype=torch.bfloat16)  # N, K multiples of the default blocks
     for silu_pairs in (True, False):
         assert grouped_gemm.grouped_mm_ok(FakeCuda(), w13, silu_pairs=silu_pairs) == hopper
@@ -93,33 +94,34 @@ def _ptxas_runs() -> bool:
 # values 128, 64 experts of width 1408, top 6, 2 shared) and their launch configs, without PDL (off before sm90).
 # Pointers are bf16 unless listed; scalars i32 unless listed.
 _DECODE_KERNELS = {
-    "latent_attention": ("kernels._latent_attention_kernel", dict(H=16, R=512, P=64, NSPLIT=64, BLOCK_S=32),
+    "latent_attention": ("attention._latent_attention_kernel", dict(H=16, R=512, P=64, NSPLIT=64, BLOCK_S=32),
                          {"pos_ptr": "*i32", "acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32",
                           "scale": "fp32"}, 4),
-    "attention_combine": ("kernels._attention_combine_kernel", dict(H=16, R=512, NSPLIT=64, BLOCK_R=128),
+    "attention_combine": ("attention._attention_combine_kernel", dict(H=16, R=512, NSPLIT=64, BLOCK_R=128),
                           {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32"}, 4),
-    "mla_prologue": ("kernels._mla_prologue_kernel", dict(H=16, NOPE=128, P=64, R=512, V=128, BLOCK_R=64),
+    "mla_prologue": ("attention._mla_prologue_kernel", dict(H=16, NOPE=128, P=64, R=512, V=128, BLOCK_R=64),
                      {"cs_ptr": "*fp32", "pos_ptr": "*i32", "eps": "fp32"}, 4),
-    "value_out": ("kernels._value_out_kernel", dict(H=16, R=512, NOPE=128, V=128, BLOCK_V=16), {}, 4),
-    "rms_norm": ("kernels._rms_norm_kernel", dict(D=2048, D_PAD=2048), {"eps": "fp32"}, 4),
-    "gemv": ("kernels._gemv_kernel", dict(NOUT=2048, K=2048, BLOCK_N=kernels.GEMV_CONFIG[0],
-                                          BLOCK_K=kernels.GEMV_CONFIG[1], WHOLE_ROW=False,
-                                          ROWS_PAD=kernels.MAX_DECODE_TOKENS), {}, kernels.GEMV_CONFIG[2]),
-    "moe_router": ("moe_kernels._router_kernel",
-                   dict(D=2048, E=64, E_PAD=64, K_TOP=6, BLOCK_E=moe_kernels.ROUTER_BLOCK_E, D_PAD=2048, P_PAD=64,
+    "value_out": ("attention._value_out_kernel", dict(H=16, R=512, NOPE=128, V=128, BLOCK_V=16), {}, 4),
+    "rms_norm": ("norm._rms_norm_kernel", dict(D=2048, D_PAD=2048), {"eps": "fp32"}, 4),
+    "gemv": ("linear._gemv_kernel", dict(NOUT=2048, K=2048, BLOCK_N=kernels.linear.GEMV_CONFIG[0],
+                                         BLOCK_K=kernels.linear.GEMV_CONFIG[1], WHOLE_ROW=False,
+                                         ROWS_PAD=kernels.launch.MAX_DECODE_TOKENS), {},
+             kernels.linear.GEMV_CONFIG[2]),
+    "moe_router": ("moe._router_kernel",
+                   dict(D=2048, E=64, E_PAD=64, K_TOP=6, BLOCK_E=kernels.moe.ROUTER_BLOCK_E, D_PAD=2048, P_PAD=64,
                         ONE_TOKEN=False, NORM=True),
                    {"eps": "fp32", "logits_ptr": "*fp32", "count_ptr": "*i32", "done_ptr": "*i32", "ids_ptr": "*i32",
                     "wt_ptr": "*fp32", "table_ptr": "*i32"}, 4),
-    "moe_gate_up": ("moe_kernels._moe_gate_up_kernel",
+    "moe_gate_up": ("moe_experts.gate_up_kernel",
                     dict(D=2048, D_PAD=2048, HID=1408, E=64, K_TOP=6, N_SHARED=2,
-                         BLOCK_N=moe_kernels.GATE_UP_CONFIG[0]), {"table_ptr": "*i32"}, moe_kernels.GATE_UP_CONFIG[1]),
-    "moe_down": ("moe_kernels._moe_down_kernel",
-                 dict(D=2048, HID=1408, HID_PAD=2048, E=64, K_TOP=6, N_SHARED=2, BLOCK_N=moe_kernels.DOWN_CONFIG[0]),
-                 {"table_ptr": "*i32", "wt_ptr": "*fp32", "y_ptr": "*fp32"}, moe_kernels.DOWN_CONFIG[1]),
+                         BLOCK_N=kernels.moe.GATE_UP_CONFIG[0]), {"table_ptr": "*i32"}, kernels.moe.GATE_UP_CONFIG[1]),
+    "moe_down": ("moe_experts.down_kernel",
+                 dict(D=2048, HID=1408, HID_PAD=2048, E=64, K_TOP=6, N_SHARED=2, BLOCK_N=kernels.moe.DOWN_CONFIG[0]),
+                 {"table_ptr": "*i32", "wt_ptr": "*fp32", "y_ptr": "*fp32"}, kernels.moe.DOWN_CONFIG[1]),
 }
 
 
-@pytest.mark.skipif(kernels.triton is None or not _ptxas_runs(), reason="needs Triton with a working ptxas")
+@pytest.mark.skipif(kernels.launch.triton is None or not _ptxas_runs(), reason="needs Triton with a working ptxas")
 @pytest.mark.parametrize("gpu", ["a100-40", "l40s"])
 @pytest.mark.parametrize("kernel", list(_DECODE_KERNELS))
 def test_decode_kernel_compiles_within_shared_memory(kernel: str, gpu: str) -> None:
@@ -136,7 +138,7 @@ def _compile_within_shared_memory(path: str, constexprs: dict, types: dict, num_
     from triton.compiler import ASTSource
 
     module, name = path.split(".")
-    fn = getattr({"kernels": kernels, "moe_kernels": moe_kernels}[module], name)
+    fn = getattr(getattr(kernels, module), name)
     constexprs = {**constexprs, "USE_PDL": False}
     signature = {arg: "constexpr" if arg in constexprs else types.get(arg, "*bf16" if arg.endswith("_ptr") else "i32")
                  for arg in fn.arg_names}
@@ -149,26 +151,26 @@ def _compile_within_shared_memory(path: str, constexprs: dict, types: dict, num_
 
 # The tensor-core kernels: (path, constexprs, pointer types, their tiles' config, the reduction's length K).
 _MMA_KERNELS = {
-    "mm": ("kernels._mm_kernel", dict(NOUT=2048, K=2048), {}, "kernels.MM_CONFIG", 2048),
-    "mm_10944": ("kernels._mm_kernel", dict(NOUT=2048, K=10944), {}, "kernels.MM_CONFIG", 10944),
-    "mm_wide": ("kernels._mm_kernel", dict(NOUT=102400, K=2048), {}, "kernels.MM_WIDE_CONFIG", 2048),
-    "moe_gate_up_mma": ("moe_kernels._moe_gate_up_mma_kernel", dict(D=2048, HID=1408, E=64, K_TOP=6, N_SHARED=2),
-                        {"table_ptr": "*i32"}, "moe_kernels.GATE_UP_MMA_CONFIG", 2048),
-    "moe_down_mma": ("moe_kernels._moe_down_mma_kernel", dict(D=2048, HID=1408, E=64, K_TOP=6, N_SHARED=2),
-                     {"table_ptr": "*i32", "wt_ptr": "*fp32", "y_ptr": "*fp32"}, "moe_kernels.DOWN_MMA_CONFIG", 1408),
+    "mm": ("linear._mm_kernel", dict(NOUT=2048, K=2048), {}, "linear.MM_CONFIG", 2048),
+    "mm_10944": ("linear._mm_kernel", dict(NOUT=2048, K=10944), {}, "linear.MM_CONFIG", 10944),
+    "mm_wide": ("linear._mm_kernel", dict(NOUT=102400, K=2048), {}, "linear.MM_WIDE_CONFIG", 2048),
+    "moe_gate_up_mma": ("moe_experts.gate_up_mma_kernel", dict(D=2048, HID=1408, E=64, K_TOP=6, N_SHARED=2),
+                        {"table_ptr": "*i32"}, "moe.GATE_UP_MMA_CONFIG", 2048),
+    "moe_down_mma": ("moe_experts.down_mma_kernel", dict(D=2048, HID=1408, E=64, K_TOP=6, N_SHARED=2),
+                     {"table_ptr": "*i32", "wt_ptr": "*fp32", "y_ptr": "*fp32"}, "moe.DOWN_MMA_CONFIG", 1408),
 }
 
 
-@pytest.mark.skipif(kernels.triton is None or not _ptxas_runs(), reason="needs Triton with a working ptxas")
+@pytest.mark.skipif(kernels.launch.triton is None or not _ptxas_runs(), reason="needs Triton with a working ptxas")
 @pytest.mark.parametrize("gpu", ["a100-40", "l40s", "h200"])
 @pytest.mark.parametrize("kernel", list(_MMA_KERNELS))
 def test_tensor_core_kernel_tiles_fit_each_gpu(kernel: str, gpu: str) -> None:
-    # The tiles the launch chooses for this GPU's shared memory (``kernels.mma_tiles``), compiled for its architecture.
+    # The tiles the launch chooses for this GPU's shared memory (``kernels.launch.mma_tiles``), compiled for its
+    # architecture.
     path, constexprs, types, config, k = _MMA_KERNELS[kernel]
     module, name = config.split(".")
     p = gpus.PROFILES[gpu]
-    bm, bn, bk, nw, ns = kernels.mma_tiles(getattr({"kernels": kernels, "moe_kernels": moe_kernels}[module], name), k,
-                                           2, p.shared_memory_optin)
+    bm, bn, bk, nw, ns = kernels.launch.mma_tiles(getattr(getattr(kernels, module), name), k, 2, p.shared_memory_optin)
     _compile_within_shared_memory(path, {**constexprs, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "FP32_DOT": False},
                                   types, nw, ns, gpu)
 
@@ -176,9 +178,9 @@ def test_tensor_core_kernel_tiles_fit_each_gpu(kernel: str, gpu: str) -> None:
 def test_engine_slots_follow_the_emulated_gpus_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     # The real H200 has 108 GB free after the weights; as an A100-40 only what its 40 GB leave remains: the caches
     # that fit there beside the activation reserve, or a refusal that names the numbers.
-    from dsvl2.config import ModelConfig
-    from dsvl2.engine import Engine, fitting_slots
-    from dsvl2.tiny import preset_config
+    from dsvl2.model.config import ModelConfig
+    from dsvl2.model.tiny import preset_config
+    from dsvl2.serving.engine import Engine, fitting_slots
 
     cfg = ModelConfig.from_dict(preset_config("small"))
     model = SimpleNamespace(cfg=cfg, dtype=torch.bfloat16)

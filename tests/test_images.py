@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dsvl2 import images
 from dsvl2.errors import ImageError
-from dsvl2.images import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, check_size, load_image, to_rgb
+from dsvl2.inputs import images
+from dsvl2.inputs.images import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, check_size, load_image, to_rgb
 
 GOLDEN_IMAGES = Path(__file__).parent / "fixtures" / "golden" / "images"
 

@@ -170,8 +170,8 @@ def test_grouped_mm_equals_a_loop_over_the_experts(grouped_errors: dict[str, flo
 
 
 def test_grouped_mm_only_where_it_can_run(grouped_errors: dict[str, float]) -> None:
-    # CUDA (kernels.available: not a CPU tensor), bf16/fp16, contiguous weights whose N and K are multiples of the
-    # default blocks.
+    # CUDA (kernels.launch.available: not a CPU tensor), bf16/fp16, contiguous weights whose N and K are multiples of
+    # the default blocks.
     assert grouped_errors["grouped_mm_ok_cpu"] == 0.0
     assert grouped_errors["grouped_mm_ok_forced"] == 1.0
     assert grouped_errors["grouped_mm_ok_float32"] == 0.0
@@ -192,14 +192,14 @@ def test_grouped_experts_through_the_kernel_equal_the_expert_loop(grouped_errors
 
 def test_pdl_only_where_it_can_run(monkeypatch: pytest.MonkeyPatch) -> None:
     # Programmatic dependent launch only for CUDA tensors on sm90+ with a Triton that has the launch option
-    # (this one's: True with Triton 3.9); a CPU tensor, an sm80 GPU, the interpreter or DSVL2_PDL=0 (the module
-    # flag) launch the ordinary way.
+    # (this one's: True with Triton 3.9); a CPU tensor, an sm80 GPU, the interpreter or PDL off (the module flag, set
+    # from EngineConfig.pdl) launch the ordinary way.
     import torch
 
     from dsvl2 import kernels
 
     x = torch.zeros(2)
-    assert not kernels.use_pdl(x) and kernels._pdl_args(x) == {"USE_PDL": False}
+    assert not kernels.launch.use_pdl(x) and kernels.launch.pdl_args(x) == {"USE_PDL": False}
 
     class FakeCuda:  # what use_pdl reads of a tensor
         is_cuda = True
@@ -209,24 +209,25 @@ def test_pdl_only_where_it_can_run(monkeypatch: pytest.MonkeyPatch) -> None:
 
     capability = {0: (9, 0), 1: (8, 0)}  # an H100 and an A100
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability[device.index])
-    monkeypatch.setattr(kernels, "_pdl_devices", {})
+    monkeypatch.setattr(kernels.launch, "_pdl_devices", {})
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    supported = kernels._launch_pdl_supported()  # this Triton's launch option
+    supported = kernels.launch._launch_pdl_supported()  # this Triton's launch option
     on = {"USE_PDL": True, "launch_pdl": True} if supported else {"USE_PDL": False}
-    assert kernels._pdl_args(FakeCuda(0)) == on
-    assert kernels._pdl_args(FakeCuda(1)) == {"USE_PDL": False}
+    assert kernels.launch.pdl_args(FakeCuda(0)) == on
+    assert kernels.launch.pdl_args(FakeCuda(1)) == {"USE_PDL": False}
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert not kernels.use_pdl(FakeCuda(0))
+    assert not kernels.launch.use_pdl(FakeCuda(0))
     monkeypatch.delenv("TRITON_INTERPRET")
-    monkeypatch.setattr(kernels, "PDL", False)
-    assert not kernels.use_pdl(FakeCuda(0))
+    monkeypatch.setattr(kernels.launch, "PDL", False)
+    assert not kernels.launch.use_pdl(FakeCuda(0))
 
 
 def test_grouped_mm_only_on_hopper_or_later(monkeypatch: pytest.MonkeyPatch) -> None:
     # The default tiles need ~196 KB of shared memory: an sm80 GPU keeps torch._grouped_mm.
     import torch
 
-    from dsvl2 import grouped_gemm, kernels
+    from dsvl2 import kernels
+    from dsvl2.kernels import grouped_gemm
 
     class FakeCuda:  # what grouped_mm_ok reads of the input rows
         is_cuda = True
@@ -237,7 +238,7 @@ def test_grouped_mm_only_on_hopper_or_later(monkeypatch: pytest.MonkeyPatch) -> 
 
     capability = {0: (9, 0), 1: (8, 0)}  # an H100 and an A100
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability[device.index])
-    monkeypatch.setattr(kernels, "triton", kernels.triton or object())
+    monkeypatch.setattr(kernels.launch, "triton", kernels.launch.triton or object())
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     w13 = torch.zeros(4, 512, 256, dtype=torch.bfloat16)  # N, K multiples of the default blocks
     assert grouped_gemm.grouped_mm_ok(FakeCuda(0), w13, silu_pairs=True)
@@ -245,7 +246,8 @@ def test_grouped_mm_only_on_hopper_or_later(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 class _FakeKernel:
-    """What ``kernels.launch`` and ``kernels.precompile`` use of a Triton kernel: launch, and compile-only."""
+    """What ``kernels.launch.launch`` and ``kernels.launch.precompile`` use of a Triton kernel: launch, and
+    compile-only."""
 
     def __init__(self) -> None:
         self.ran, self.compiled, self.loaded = [], [], []
@@ -275,28 +277,28 @@ def test_precompile_compiles_each_launch_once_without_running_it() -> None:
 
     k = _FakeKernel()
     x, y = torch.zeros(4, 8), torch.zeros(4, 8, dtype=torch.bfloat16)
-    kernels.launch(k, (1,), x, 3, BLOCK=16)
+    kernels.launch.launch(k, (1,), x, 3, BLOCK=16)
     assert k.ran == [((1,), (x, 3), {"BLOCK": 16})] and not k.compiled
 
     other_thread = []
 
     def run() -> None:
-        kernels.launch(k, (1,), x, 3, BLOCK=16)
-        kernels.launch(k, (2,), torch.ones(4, 8), 3, BLOCK=16)  # same dtype, strides, values: compiled once
-        kernels.launch(k, (1,), y, 3, BLOCK=16)  # another dtype
-        kernels.launch(k, (1,), x, 4, BLOCK=16)  # another integer
-        kernels.launch(k, (1,), x.t(), 3, BLOCK=16)  # other strides
-        kernels.launch(k, (1,), x, 3, BLOCK=32)  # another constant
+        kernels.launch.launch(k, (1,), x, 3, BLOCK=16)
+        kernels.launch.launch(k, (2,), torch.ones(4, 8), 3, BLOCK=16)  # same dtype, strides, values: compiled once
+        kernels.launch.launch(k, (1,), y, 3, BLOCK=16)  # another dtype
+        kernels.launch.launch(k, (1,), x, 4, BLOCK=16)  # another integer
+        kernels.launch.launch(k, (1,), x.t(), 3, BLOCK=16)  # other strides
+        kernels.launch.launch(k, (1,), x, 3, BLOCK=32)  # another constant
         # Only the thread running ``run`` collects: a launch from elsewhere meanwhile runs as usual.
-        t = threading.Thread(target=lambda: other_thread.append(kernels.launch(k, (9,), x, 3, BLOCK=16)))
+        t = threading.Thread(target=lambda: other_thread.append(kernels.launch.launch(k, (9,), x, 3, BLOCK=16)))
         t.start()
         t.join()
 
-    assert kernels.precompile(run, torch.device("cpu"), workers=3) == 5
+    assert kernels.launch.precompile(run, torch.device("cpu"), workers=3) == 5
     assert len(k.compiled) == 5 and len(k.loaded) == 5
     assert {grid for grid, _, _ in k.ran} == {(1,), (9,)} and len(k.ran) == 2  # nothing of run's ran
     assert {(args[1], kwargs["BLOCK"]) for _, args, kwargs in k.compiled} == {(3, 16), (4, 16), (3, 32)}
-    kernels.launch(k, (1,), x, 3, BLOCK=16)  # afterwards launches run again
+    kernels.launch.launch(k, (1,), x, 3, BLOCK=16)  # afterwards launches run again
     assert len(k.ran) == 3
 
 
@@ -311,7 +313,7 @@ def test_precompile_reports_a_failed_compilation() -> None:
 
     k = Broken()
     with pytest.raises(RuntimeError, match="ptxas"):
-        kernels.precompile(lambda: kernels.launch(k, (1,), torch.zeros(2)), torch.device("cpu"))
+        kernels.launch.precompile(lambda: kernels.launch.launch(k, (1,), torch.zeros(2)), torch.device("cpu"))
     assert not k.ran
 
 

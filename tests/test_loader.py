@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsvl2.config import ModelConfig
 from dsvl2.errors import CheckpointError
-from dsvl2.loader import load_model
-from dsvl2.tiny import build_random_checkpoint, preset_config
+from dsvl2.model.config import ModelConfig
+from dsvl2.model.loader import load_model
+from dsvl2.model.tiny import build_random_checkpoint, preset_config
 
 GOLDEN_CKPT = Path(__file__).parent / "fixtures" / "golden" / "checkpoint"
 
@@ -213,7 +213,7 @@ def test_built_checkpoint_round_trips(tmp_path: Path) -> None:
 def test_tensors_come_in_file_order(ckpt: Path) -> None:
     """Shards by name, tensors by offset: the order in which the read-ahead brings the bytes in. Each tensor is a
     view of its shard's memory map, so its address is its place in the file."""
-    from dsvl2.loader import iter_tensors, shard_files
+    from dsvl2.model.loader import iter_tensors, shard_files
 
     names = shard_files(ckpt)
     backwards = dict(reversed(names.items()))
@@ -227,8 +227,8 @@ def test_the_read_ahead_runs_beside_the_load_once_per_checkpoint(ckpt: Path, mon
     load must not wait for it, and a service that started it early does not start a second one."""
     import threading
 
-    from dsvl2 import prefetch
-    from dsvl2.loader import shard_files
+    from dsvl2.model.loader import shard_files
+    from dsvl2.startup import prefetch
 
     release, calls = threading.Event(), []
 
@@ -249,7 +249,7 @@ def test_the_read_ahead_runs_beside_the_load_once_per_checkpoint(ckpt: Path, mon
 
 
 def test_checkpoint_files_without_torch(ckpt: Path, tmp_path: Path) -> None:
-    from dsvl2 import prefetch
+    from dsvl2.startup import prefetch
 
     assert prefetch.checkpoint_files(ckpt) == sorted({ckpt / f for f in _index(ckpt)["weight_map"].values()})
     assert prefetch.checkpoint_files(tmp_path / "nowhere") == []
@@ -263,7 +263,7 @@ def test_checkpoint_files_without_torch(ckpt: Path, tmp_path: Path) -> None:
 def test_background_load_fills_what_the_strict_load_does(ckpt: Path, workers: int) -> None:
     """load_into with one worker or a worker per shard (the golden checkpoint has three) copies every tensor as
     load_model does, and a bad tensor in any shard still fails the load, naming it."""
-    from dsvl2.loader import allocate_model, load_into
+    from dsvl2.model.loader import allocate_model, load_into
 
     reference = dict(load_model(ckpt, dtype=torch.float32).named_parameters())
     cfg = ModelConfig.from_file(ckpt / "config.json")

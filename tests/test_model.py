@@ -13,12 +13,13 @@ import pytest
 import torch
 from _transformers_reference import deepseek_v2_reference
 
-from dsvl2.engine import Engine, EngineConfig, set_moe_impl
-from dsvl2.images import load_image
-from dsvl2.loader import load_model
-from dsvl2.processor import image_token_count
-from dsvl2.sampling import SamplingParams
-from dsvl2.tiny import build_random_checkpoint
+from dsvl2.inputs.images import load_image
+from dsvl2.inputs.processor import image_token_count
+from dsvl2.model.loader import load_model
+from dsvl2.model.moe import MoE, set_impl
+from dsvl2.model.tiny import build_random_checkpoint
+from dsvl2.serving.engine import Engine, EngineConfig
+from dsvl2.serving.sampling import SamplingParams
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 CASES = json.loads((GOLDEN / "golden.json").read_text())["cases"]
@@ -120,24 +121,18 @@ def test_fast_moe_path_equals_plain_loop(alt_checkpoint: Path) -> None:
     ids = torch.randint(0, 500, (1, 64), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         fast = lm.logits(lm.prefill(lm.model.embed_tokens(ids), lm.new_cache(1, 64)))
-        set_moe_impl("loop")
-        try:
-            plain = lm.logits(lm.prefill(lm.model.embed_tokens(ids), lm.new_cache(1, 64)))
-        finally:
-            set_moe_impl("grouped")
+        set_impl(lm, "loop")
+        plain = lm.logits(lm.prefill(lm.model.embed_tokens(ids), lm.new_cache(1, 64)))
     assert (fast - plain).abs().max().item() < 1e-5
 
 
 def test_engine_fast_and_plain_paths_generate_the_same(alt_checkpoint: Path) -> None:
-    engine = Engine.from_pretrained(alt_checkpoint, EngineConfig(device="cpu"), log=lambda s: None)
     img = load_image(GOLDEN / "images" / "gradient_1000x333.png")
     outs = []
     for impl in ("grouped", "loop"):
-        set_moe_impl(impl)
-        try:
-            req = engine.prepare("Describe the image.", [img], GREEDY, 24)
-            list(engine.stream(req))
-        finally:
-            set_moe_impl("grouped")
+        engine = Engine.from_pretrained(alt_checkpoint, EngineConfig(device="cpu", moe_impl=impl), log=lambda s: None)
+        assert {m.impl for m in engine.model.modules() if isinstance(m, MoE)} == {impl}
+        req = engine.prepare("Describe the image.", [img], GREEDY, 24)
+        list(engine.stream(req))
         outs.append(req.output_ids)
     assert outs[0] == outs[1] and len(outs[0]) > 0

@@ -151,6 +151,14 @@ def test_local_files_setting(monkeypatch: pytest.MonkeyPatch) -> None:
         settings.local_files_allowed(served=True)
 
 
+def test_pdl_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    # DSVL2_PDL is read here only, into the engine's config: anything but 0 is on.
+    monkeypatch.delenv(settings.PDL_ENV, raising=False)
+    assert settings.engine_config("cpu").pdl
+    monkeypatch.setenv(settings.PDL_ENV, "0")
+    assert not settings.engine_config("cpu").pdl
+
+
 def test_image_errors_name_the_field_not_the_file(runner: predict.Runner, image_path: Path, tmp_path: Path) -> None:
     notes = tmp_path / "tmpdownload.png"
     notes.write_text("plain text")

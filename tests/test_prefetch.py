@@ -1,4 +1,4 @@
-"""The start-up prefetch of the software's own files (dsvl2.prefetch): what it reads, in which order."""
+"""The start-up prefetch of the software's own files (dsvl2.startup.prefetch): what it reads, in which order."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dsvl2 import prefetch
+from dsvl2.startup import prefetch
 
 
 def tree(root: Path) -> dict[str, int]:
@@ -76,7 +76,8 @@ def test_prefetch_imports_nothing_heavy() -> None:
     # It runs before torch is imported (predict.py's first statement).
     import subprocess
 
-    code = "import sys; from dsvl2 import prefetch; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
+    code = ("import sys; from dsvl2.startup import prefetch; "
+            "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "[]"

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from dsvl2.errors import CheckpointError, ImageError, InputError
-from dsvl2.images import load_image
-from dsvl2.processor import Processor, image_token_count, select_best_resolution
+from dsvl2.inputs.images import load_image
+from dsvl2.inputs.processor import Processor, image_token_count, select_best_resolution
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 CHECKPOINT = GOLDEN / "checkpoint"

@@ -8,7 +8,7 @@ import torch
 from transformers.generation import logits_process as hf_lp
 
 from dsvl2.errors import InputError
-from dsvl2.sampling import (
+from dsvl2.serving.sampling import (
     RequestRng,
     SamplingParams,
     apply_repetition_penalty,
@@ -251,7 +251,7 @@ def test_validate_accepts(p: SamplingParams):
 
 def test_top_candidates_sampler_draws_from_the_same_distribution() -> None:
     """The decode fast path (sort only the 64 best) samples what the full-vocabulary rule defines."""
-    from dsvl2.sampling import probabilities, sample_top_candidates
+    from dsvl2.serving.sampling import probabilities, sample_top_candidates
 
     gen = torch.Generator().manual_seed(5)
     vocab, draws = 300, 40_000
@@ -272,7 +272,7 @@ def test_top_candidates_sampler_draws_from_the_same_distribution() -> None:
 
 
 def test_two_stage_argmax_equals_argmax_including_ties() -> None:
-    from dsvl2.sampling import argmax_rows
+    from dsvl2.serving.sampling import argmax_rows
 
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(4, 102400, generator=g)

@@ -3,15 +3,16 @@ alone (greedy and seeded sampling, every sampler mode side by side), rows are re
 or a failure ends one request only, and requests beyond the slots wait."""
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from dsvl2.engine import Engine, EngineConfig
-from dsvl2.runner import batch_buckets
-from dsvl2.sampling import SamplingParams
+from dsvl2.serving.engine import Engine, EngineConfig
+from dsvl2.serving.runner import batch_buckets
+from dsvl2.serving.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
 PROMPT = "<image>\nWhat is shown?"
@@ -185,14 +186,26 @@ def test_a_failing_step_fails_its_requests_and_the_loop_serves_on(engine: Engine
 
 def test_an_idle_scheduler_thread_ends_and_the_next_request_starts_another(engine: Engine,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    import dsvl2.scheduler
+    import dsvl2.serving.scheduler
 
     expected = _alone(engine, CASES[0])
-    monkeypatch.setattr(dsvl2.scheduler, "IDLE_EXIT_S", 0.05)
+    monkeypatch.setattr(dsvl2.serving.scheduler, "IDLE_EXIT_S", 0.05)
     _alone(engine, CASES[3])  # the loop now waits 0.05 s for more work, then ends
     for _ in range(200):
         if engine.scheduler._thread is None:
             break
         threading.Event().wait(0.01)
     assert engine.scheduler._thread is None
+    assert _alone(engine, CASES[0]) == expected
+
+
+def test_close_ends_the_scheduler_thread_at_once_and_a_later_request_runs(engine: Engine) -> None:
+    # The command line closes the engine before it exits: the thread must be gone then, not IDLE_EXIT_S later.
+    expected = _alone(engine, CASES[0])
+    thread = engine.scheduler._thread
+    assert thread is not None and thread.is_alive()
+    t0 = time.monotonic()
+    engine.close()
+    assert not thread.is_alive() and time.monotonic() - t0 < 5
+    engine.close()  # nothing running: a no-op
     assert _alone(engine, CASES[0]) == expected

@@ -26,7 +26,7 @@ import pytest
 import requests
 from PIL import Image
 
-from dsvl2.images import MAX_IMAGE_BYTES
+from dsvl2.inputs.images import MAX_IMAGE_BYTES
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 180

@@ -20,10 +20,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from dsvl2.errors import CheckpointError
-from dsvl2.loader import load_model
-from dsvl2.model import DeepseekVL2
-from dsvl2.processor import Processor
-from dsvl2.tiny import build_random_checkpoint, write_processor_files
+from dsvl2.inputs.processor import Processor
+from dsvl2.model.deepseek_vl2 import DeepseekVL2
+from dsvl2.model.loader import load_model
+from dsvl2.model.tiny import build_random_checkpoint, write_processor_files
 
 
 def _lang(**values) -> dict:

@@ -12,7 +12,7 @@ block is fetched from HBM once and re-read from L2 by that expert's row tiles, a
 With ``silu_pairs`` the gate‖up product also applies the SwiGLU in its epilogue (each program takes matching gate
 and up columns), so the [M, 2I] product never reaches memory.
 
-Registered as a ``torch.library`` custom operator, like the decode kernels in ``kernels.py``.
+Registered as a ``torch.library`` custom operator, like the decode kernels.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import os
 
 import torch
 
-from . import gpus, kernels
+from .. import gpus
+from . import launch
 
 try:
     import triton
@@ -156,11 +157,11 @@ def _config(silu_pairs: bool, overrides: dict[str, int | bool | None]) -> dict[s
 
 def grouped_mm_ok(x: torch.Tensor, w: torch.Tensor, *, silu_pairs: bool = False) -> bool:
     """Whether ``grouped_mm`` runs for input rows like x (device, dtype) and the stacked weights w [E, N, K] with
-    the call site's default blocks: CUDA (see ``kernels.available``) with Triton, bf16 or fp16, N, K multiples
+    the call site's default blocks: CUDA (see ``launch.available``) with Triton, bf16 or fp16, N, K multiples
     of the blocks (the kernel does not mask columns or the reduction), and the blocks' pipeline fitting in the
     GPU's shared memory (an H100/H200, not an A100 or L40S: ``gpus``)."""
     cfg = CONFIGS[_site(silu_pairs)]
-    return (kernels.available(x) and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype
+    return (launch.available(x) and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype
             and w.dim() == 3 and w.is_contiguous() and w.shape[2] % cfg["block_k"] == 0
             and w.shape[1] % cfg["block_n"] == 0 and cfg["block_n"] % 2 == 0
             and (_interpreted() or shared_memory(cfg, x.dtype.itemsize) <= gpus.shared_memory_optin(x.device)))
@@ -176,7 +177,7 @@ def shared_memory(cfg: dict[str, int | bool], element_size: int) -> int:
 
 def _hopper(x: torch.Tensor) -> bool:
     """Whether x's GPU is sm90 or later (or the interpreter runs the kernel): tiles through the TMA."""
-    return _interpreted() or kernels.sm90_or_later(x.device)
+    return _interpreted() or launch.sm90_or_later(x.device)
 
 
 @torch.library.custom_op("dsvl2::grouped_mm", mutates_args=())
@@ -213,9 +214,9 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, silu_pai
         w_arg = TensorDescriptor(w, [e * n, k], [k, 1], [cols, bk])
     else:
         x_arg, w_arg = x, w
-    kernels.launch(_grouped_mm_kernel, grid, x_arg, w_arg, offs.contiguous(), out, N=n, K=k, E=e,
-                   E_PAD=triton.next_power_of_2(e), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SILU_PAIRS=silu_pairs,
-                   TMA=use_tma, INTERPRET=_interpreted(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    launch.launch(_grouped_mm_kernel, grid, x_arg, w_arg, offs.contiguous(), out, N=n, K=k, E=e,
+                  E_PAD=triton.next_power_of_2(e), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SILU_PAIRS=silu_pairs,
+                  TMA=use_tma, INTERPRET=_interpreted(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 

@@ -24,11 +24,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from ..errors import CheckpointError
+from ..startup.prefetch import start_read_ahead
 from .config import ModelConfig
-from .errors import CheckpointError
-from .model import DeepseekVL2
+from .deepseek_vl2 import DeepseekVL2
 from .moe import EXPERT_KEYS, STACKS, expert_blocks, expert_matrix_shape
-from .prefetch import start_read_ahead
 
 DROPPED_PREFIXES = ("vision.attn_pool.",)
 _EXPERT_RE = re.compile(r"^(language\.model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")

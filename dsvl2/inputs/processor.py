@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 from tokenizers import Tokenizer
 
 from dsvl2.errors import CheckpointError, InputError
-from dsvl2.images import check_size, to_rgb
+from dsvl2.inputs.images import check_size, to_rgb
 
 TILE = 384  # SigLIP-SO400M/14 input size: every view and crop is TILE x TILE
 PATCH = 14  # vision patch size: 384 // 14 = 27 patches per side (the last 6 pixels are dropped)

@@ -9,7 +9,7 @@ every prefill writes), the decode step's per-row inputs and sampling state, and 
 - the vision tower and projector per tile count.
 
 A graph that cannot be captured is logged, counted in ``eager_fallbacks`` and its shapes run eagerly. Which rows
-hold which request is the scheduler's business (``dsvl2.scheduler``); the runner only reads and writes rows.
+hold which request is the scheduler's business (``dsvl2.serving.scheduler``); the runner only reads and writes rows.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import DeepseekVL2
-from .processor import Encoded
+from ..inputs.processor import Encoded
+from ..model.deepseek_vl2 import DeepseekVL2
 from .sampling import SamplingParams, argmax_rows, sample, sample_top_candidates, seen_from_prompt, update_seen
 
 TOP_CANDIDATES = 64  # "top" rows sort only this many candidates (exact for 0 < top_k <= it)

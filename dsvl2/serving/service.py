@@ -20,10 +20,10 @@ from collections.abc import Callable, Iterator
 from cog import Path
 from cog.input import FieldInfo
 
-from dsvl2.engine import Engine, GenerationStats, Request
 from dsvl2.errors import InputError
-from dsvl2.images import load_image
-from dsvl2.sampling import SamplingParams
+from dsvl2.inputs.images import load_image
+from dsvl2.serving.engine import Engine, GenerationStats, Request
+from dsvl2.serving.sampling import SamplingParams
 from dsvl2.settings import LOCAL_FILES_ENV
 
 IMAGE_FIELDS = ("image", "image2", "image3", "image4")  # in the order their <image> tags refer to them

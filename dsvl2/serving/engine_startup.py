@@ -1,65 +1,39 @@
-"""Start-up and the request API of the generation engine.
-
-``Engine.from_pretrained`` loads a checkpoint and, where its ``EngineConfig`` (dsvl2.engine_config) says so, warms
-the engine up (on the GPU streaming the weights in while ``warmup`` compiles and captures the graphs); ``prepare``
-checks a request on the CPU, before any GPU work; ``stream`` hands it to the scheduler (``dsvl2.scheduler``:
-continuous batching on one thread that owns the GPU) and yields its text. The model's computations and static
-buffers are the runner's (``dsvl2.runner``).
+"""How an ``Engine`` comes up: the checkpoint loaded (with ``EngineConfig.background_load``, streamed into the GPU in a
+thread while the warm-up runs), the model compiled (regional ``torch.compile``, a compile bundle loaded first, the
+Triton kernels compiled ahead side by side), warm-up requests run and the CUDA graphs captured. ``EngineStartup`` is
+the ``Engine``'s start-up half (a base class): its methods use the engine's model, runner and config.
 """
 
 from __future__ import annotations
 
 import contextlib
-import secrets
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
-from . import compile_bundle, gpus, kernels, loader, prefetch
-from .compilation import import_compiler, quick_autotune, start_compile_workers
-from .config import ModelConfig
-from .detokenize import StreamDecoder
-from .engine_config import SLOT_CEILING, EngineConfig
-from .errors import InputError, PromptTooLong
-from .loader import allocate_model, load_into, load_model, shard_files
-from .model import DeepseekVL2
-from .moe import MoE
-from .processor import TILE, Encoded, Processor
-from .runner import PREFILL_BUCKET, Runner
-from .sampling import SamplingParams, validate_params
-from .scheduler import GenerationStats, Scheduler, Stream
+from .. import kernels
+from ..inputs.processor import TILE, Processor
+from ..model import loader
+from ..model.config import ModelConfig
+from ..model.loader import allocate_model, load_into, load_model, shard_files
+from ..model.moe import MoE
+from ..startup import compile_bundle, prefetch
+from ..startup.compilation import import_compiler, quick_autotune, start_compile_workers
+from .engine_config import EngineConfig
+from .runner import PREFILL_BUCKET
+from .sampling import SamplingParams
 
-__all__ = ["Engine", "EngineConfig", "GenerationStats", "Request", "phase", "set_moe_impl"]
-
-
-@dataclass
-class Request:
-    encoded: Encoded
-    params: SamplingParams
-    max_new_tokens: int
-    seed: int = 0
-    output_ids: list[int] = field(default_factory=list)
-    stats: GenerationStats = field(default_factory=GenerationStats)
-
+if TYPE_CHECKING:
+    from .engine import Engine
 
 PRECOMPILE_TIMEOUT_S = 300  # the warm-up waits at most this long for the Triton kernels compiled ahead
-ACTIVATION_RESERVE = 4 << 30  # GPU memory kept free beside the caches: prefill activations, graphs, the allocator's
-
-
-def fitting_slots(cfg: ModelConfig, dtype: torch.dtype, free_bytes: int) -> int:
-    """How many requests' full-context latent caches fit in ``free_bytes`` beside the activation reserve (plus the
-    prefill's scratch row)."""
-    c = cfg.language
-    per_slot = c.num_hidden_layers * c.max_position_embeddings * (c.kv_lora_rank + c.qk_rope_head_dim)
-    per_slot *= torch.empty(0, dtype=dtype).element_size()
-    return max(0, (free_bytes - ACTIVATION_RESERVE) // per_slot - 1)
 
 
 @contextmanager
@@ -71,51 +45,8 @@ def phase(log: Callable[[str], None], name: str) -> Iterator[None]:
     log(f"setup: {name} done in {time.perf_counter() - start:.1f}s")
 
 
-class Engine:
-    """Start-up (load, compile, warm-up) and the request API: ``prepare`` checks a request on the CPU, ``stream``
-    hands it to the scheduler and yields its text. How it runs is ``config``'s (``EngineConfig``; by default the
-    model's device and dtype, the rest following the device)."""
-
-    def __init__(self, model: DeepseekVL2, processor: Processor, config: EngineConfig | None = None,
-                 log: Callable[[str], None] = print) -> None:
-        self.config = config = config or EngineConfig(device=str(model.device), dtype=model.dtype)
-        self.model = model
-        self.processor = processor
-        self.log = log
-        self.device = model.device
-        self.context = model.cfg.language.max_position_embeddings
-        self.eos_id = processor.eos_id
-        self.use_compile = config.compile
-        self.stream_interval = config.stream_interval
-        kernels.set_batch_invariant(config.batch_invariant)  # process-wide: which decode kernels (see there)
-        self.slots = self._choose_slots(config.slots)
-        self.runner = Runner(model, self.slots, log, config.cuda_graphs)
-        drop = {processor.bos_id, self.eos_id, processor.pad_id}
-        self.scheduler = Scheduler(self.runner, lambda: StreamDecoder(processor.tokenizer, drop), self.eos_id, log,
-                                   recover=lambda: self._drop_compiled(("forward",)))
-        self._loader: threading.Thread | None = None  # a background load still filling the weights
-        self._load_error: BaseException | None = None
-        self._warming = False  # warm-up requests may run on weights still being loaded
-        # Where warm-up looks for a compile bundle of this GPU and software (dsvl2.compile_bundle), in order.
-        self.bundle_dirs: list[Path] = [compile_bundle.SHIPPED]
-
-    def _choose_slots(self, slots: int | None) -> int:
-        if slots is not None:  # checked by EngineConfig
-            return slots
-        if self.device.type != "cuda":
-            return 1
-        # The free memory, or an emulated GPU's (DSVL2_EMULATE_GPU: the service sized as on an L40S or an A100).
-        free, total = gpus.usable_memory(self.device), gpus.profile(self.device).total_memory
-        fit = fitting_slots(self.model.cfg, self.model.dtype, free)
-        if fit < 1:
-            raise RuntimeError(
-                f"the GPU has {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB after the weights: not enough "
-                f"for one request's {self.context}-token cache beside the {ACTIVATION_RESERVE / 2**30:.0f} GiB "
-                "kept for activations; use a GPU with more memory")
-        chosen = min(fit, SLOT_CEILING)
-        self.log(f"{chosen} batch slots: {free / 2**30:.1f} GiB free after the weights holds {fit} full-context "
-                 f"caches (at most {SLOT_CEILING})")
-        return chosen
+class EngineStartup:
+    """Load, compile and warm up (see the module's docstring); ``Engine`` is one."""
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path, config: EngineConfig | None = None,
@@ -183,45 +114,6 @@ class Engine:
         if self._load_error is not None:
             raise self._load_error
 
-    # ---- request validation (CPU only, before any GPU work) ----
-    def prepare(self, prompt: str, images: list[Image.Image], params: SamplingParams,
-                max_new_tokens: int) -> Request:
-        validate_params(params)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        encoded = self.processor.encode(prompt, images)
-        n = len(encoded.input_ids)
-        if n >= self.context:
-            raise PromptTooLong(
-                f"the prompt is {n} tokens (text plus {sum(encoded.num_image_tokens)} image tokens) "
-                f"but the model's context is {self.context} tokens, and at least one must be left for the answer; "
-                "use fewer or smaller images or a shorter prompt")
-        if n + max_new_tokens > self.context:
-            cut = self.context - n
-            self.log(f"max_new_tokens {max_new_tokens} cut to {cut}: prompt {n} + answer must fit in {self.context}")
-            max_new_tokens = cut
-        seed = secrets.randbits(63) if params.seed is None else params.seed  # drawn here so that it can be logged
-        return Request(encoded, params, max_new_tokens, seed=seed,
-                       stats=GenerationStats(prompt_tokens=n))
-
-    # ---- generation ----
-    def stream(self, req: Request, cancel: threading.Event | None = None) -> Iterator[str]:
-        """Yield text chunks as tokens arrive (the first at once, then at most one per ``stream_interval``); stops
-        at eos, at max_new_tokens, when ``cancel`` is set or when the caller stops reading. The request runs in
-        the scheduler's batch beside any others; its ``stats`` are its own."""
-        if not self._warming:
-            self.wait_loaded()
-        cancel = cancel or threading.Event()
-        active = self.scheduler.submit(req, cancel)
-        try:
-            yield from Stream(active, self.stream_interval)
-        finally:
-            cancel.set()  # the reader is gone: the scheduler drops the request within a step
-
-    def generate(self, req: Request, cancel: threading.Event | None = None) -> str:
-        """The whole answer of ``req`` at once."""
-        return "".join(self.stream(req, cancel))
-
     def _drop_compiled(self, names: tuple[str, ...]) -> bool:
         """Remove the compiled wrappers of these methods (back to the plain ones); True if any existed.
         Graphs already captured stay valid: they replay kernels, not Python."""
@@ -271,7 +163,7 @@ class Engine:
         kernels_thread = None
         if self.use_compile:
             import_compiler()  # before the precompile thread starts (a no-op where from_pretrained did it)
-        if self.use_compile and self.device.type == "cuda" and kernels.triton is not None:
+        if self.use_compile and self.device.type == "cuda" and kernels.launch.triton is not None:
             kernels_thread = threading.Thread(target=self._precompile_kernels, name="dsvl2-precompile", daemon=True)
             kernels_thread.start()
         if self.use_compile:
@@ -307,7 +199,7 @@ class Engine:
 
     def _precompile_kernels(self) -> None:
         """Compile the Triton kernels of a decode step and of the prefill's experts side by side, while the main
-        thread traces and compiles the model (``kernels.precompile``). Runs one MoE decoder layer's plain
+        thread traces and compiles the model (``kernels.launch.precompile``). Runs one MoE decoder layer's plain
         (uncompiled) code on dummy inputs with the launches collected, not run. An optimisation only: whatever
         fails here compiles at its first launch instead."""
         t0 = time.perf_counter()
@@ -330,7 +222,7 @@ class Engine:
                 if self.device.type == "cuda":  # Triton compiles for the current device; a stream of its own
                     on_device.enter_context(torch.cuda.device(self.device))
                     on_device.enter_context(torch.cuda.stream(torch.cuda.Stream(self.device)))
-                n = kernels.precompile(run, self.device)
+                n = kernels.launch.precompile(run, self.device)
         except Exception as e:  # noqa: BLE001
             self.log(f"compiling the Triton kernels ahead failed ({type(e).__name__}: {e}); they compile at first use")
             return
@@ -366,10 +258,3 @@ class Engine:
             self._drop_compiled(("decode", "forward"))
             self.runner.drop_graphs()
             step()
-
-
-def set_moe_impl(impl: str) -> None:
-    """Choose the routed-expert implementation for every MoE layer: "grouped" (fast) or "loop" (plain)."""
-    if impl not in ("grouped", "loop"):
-        raise ValueError(f"unknown MoE implementation {impl!r}")
-    MoE.impl = impl

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from .. import kernels
 from .config import LanguageConfig
 from .moe import MLP, MoE
 
@@ -35,7 +35,7 @@ class RMSNorm(nn.Module):
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """``forward`` of a decode step's rows: on CUDA one kernel program per row, whatever their number (batch
         invariant; a compiled reduction's layout may change with the number of rows)."""
-        return kernels.rms_norm(x, self.weight, self.eps) if kernels.rms_norm_ok(x, self.weight) else self(x)
+        return kernels.norm.rms_norm(x, self.weight, self.eps) if kernels.norm.rms_norm_ok(x, self.weight) else self(x)
 
 
 def rope_table(max_pos: int, dim: int, theta: float, device: torch.device | str) -> torch.Tensor:
@@ -142,13 +142,14 @@ class Attention(nn.Module):
         if self._kernels_ok(x):
             # Five kernels: q‖kv_a; the query absorbed into the latent space (plus the rotary parts and this
             # token's cache row); attention over the cache up to pos only; the value rows of kv_b; o_proj.
-            qkv = kernels.gemv(x[:, 0], self.q_kv_a)
+            qkv = kernels.linear.gemv(x[:, 0], self.q_kv_a)
             norm = self.kv_a_layernorm
-            q_lat, q_rope = kernels.mla_prologue(qkv, cos_sin[:, 0], norm.weight, norm.eps, self.kv_b_proj.weight,
-                                                 cache, pos, self.h, self.nope, self.rope)
-            o_lat = kernels.latent_attention(q_lat, q_rope, cache, pos, self.scale)
-            out = kernels.value_out(o_lat, self.kv_b_proj.weight, self.nope)
-            return kernels.gemv(out, self.o_proj.weight)[:, None]
+            q_lat, q_rope = kernels.attention.mla_prologue(qkv, cos_sin[:, 0], norm.weight, norm.eps,
+                                                           self.kv_b_proj.weight, cache, pos, self.h, self.nope,
+                                                           self.rope)
+            o_lat = kernels.attention.latent_attention(q_lat, q_rope, cache, pos, self.scale)
+            out = kernels.attention.value_out(o_lat, self.kv_b_proj.weight, self.nope)
+            return kernels.linear.gemv(out, self.o_proj.weight)[:, None]
         q_nope, q_rope, latent = self._project(x, cos_sin)
         rows = torch.arange(b, device=x.device)
         cache[rows, pos] = latent[:, 0]
@@ -165,8 +166,8 @@ class Attention(nn.Module):
         return self.o_proj(out)
 
     def _kernels_ok(self, x: torch.Tensor) -> bool:
-        return (kernels.available(x) and self.q_kv_a.numel() > 0 and kernels.gemv_ok(x, self.q_kv_a)
-                and kernels.latent_attention_ok(self.h, self.rank, self.rope, self.nope, self.vdim))
+        return (kernels.launch.available(x) and self.q_kv_a.numel() > 0 and kernels.linear.gemv_ok(x, self.q_kv_a)
+                and kernels.attention.latent_attention_ok(self.h, self.rank, self.rope, self.nope, self.vdim))
 
 
 class DecoderLayer(nn.Module):
@@ -231,8 +232,8 @@ class LanguageModel(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [..., D] -> float32 logits [..., V]"""
-        if kernels.gemv_ok(h, self.lm_head.weight):  # a decode step's rows: batch-invariant kernels
-            return kernels.gemv(self.model.norm.decode(h), self.lm_head.weight, float_out=True)
+        if kernels.linear.gemv_ok(h, self.lm_head.weight):  # a decode step's rows: batch-invariant kernels
+            return kernels.linear.gemv(self.model.norm.decode(h), self.lm_head.weight, float_out=True)
         return self.lm_head(self.model.norm(h)).float()
 
     def prefill(self, embeds: torch.Tensor, cache: torch.Tensor, start: int = 0) -> torch.Tensor:

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .deepseek_vl2 import DeepseekVL2
 from .loader import allocate_model
-from .model import DeepseekVL2
 from .moe import EXPERT_KEYS, STACKS, expert_matrix_shape
 
 ASSETS = Path(__file__).parent / "assets"

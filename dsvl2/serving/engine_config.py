@@ -2,11 +2,11 @@
 
 The engine reads no environment variable: the service (predict.py) and the command line build their config with
 ``dsvl2.settings.engine_config``, tests and benchmarks build theirs directly. The model's own shapes are
-``dsvl2.config.ModelConfig``'s, from the checkpoint.
+``dsvl2.model.config.ModelConfig``'s, from the checkpoint.
 
-Knobs still outside this object (to be wired here): ``kernels.PDL`` (read from ``DSVL2_PDL`` when dsvl2.kernels is
-imported), ``MoE.impl`` (a class attribute, set through ``engine.set_moe_impl``) and the GPU profile
-(``DSVL2_EMULATE_GPU``, read by dsvl2.gpus).
+Two of its fields set process-wide state when an engine is built: ``batch_invariant`` and ``pdl`` choose how the
+decode kernels launch (``kernels.launch``: one choice per process, the last engine's). ``moe_impl`` is the engine's
+model's own. A knob still outside this object: the GPU profile (``DSVL2_EMULATE_GPU``, read by dsvl2.gpus).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ class EngineConfig:
     background_load: bool | None = None  # the weights stream in while the warm-up compiles; generation waits
     slots: int | None = None  # requests decoded together; None: as many full-context caches as fit (1 on the CPU)
     batch_invariant: bool = True  # a request's tokens do not depend on what else is in its batch (7 % slower alone)
+    pdl: bool = True  # decode kernels launched with programmatic dependent launch where supported (sm90+)
+    moe_impl: str = "grouped"  # routed experts: "grouped" (kernels, grouped products) or "loop" (plain, one by one)
     stream_interval: float = 0.03  # seconds between two text chunks of a stream, after its first
     warmup: bool = False  # ``Engine.from_pretrained`` compiles, captures and runs a request before it returns
 
@@ -44,5 +46,7 @@ class EngineConfig:
         if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int)
                                   or not 1 <= slots <= SLOT_CEILING):
             raise ValueError(f"slots must be an integer from 1 to {SLOT_CEILING}, got {slots!r}")
+        if self.moe_impl not in ("grouped", "loop"):
+            raise ValueError(f"moe_impl must be 'grouped' or 'loop', got {self.moe_impl!r}")
         if not self.stream_interval >= 0:
             raise ValueError(f"stream_interval must be >= 0 seconds, got {self.stream_interval!r}")

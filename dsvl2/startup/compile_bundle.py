@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-SHIPPED = Path(__file__).resolve().parent / "compiled"
+SHIPPED = Path(__file__).resolve().parent.parent / "compiled"
 SUFFIX = ".bin.xz"
 
 

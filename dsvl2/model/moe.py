@@ -8,9 +8,9 @@ that mapping once, for the loader.
 
 Routing (as upstream): gate logits in float32, softmax over all experts, top-k, weights not
 renormalised, routed scaling 1.0; the weighted sum is taken in float32. The shared experts are one
-wider MLP applied to every token. At decode time on CUDA the whole block runs as ``moe_kernels.moe_decode`` (and
-the dense MLP through ``kernels.gemv``), batch invariant; for more tokens (prefill) the grouped products are
-``grouped_gemm.grouped_mm`` on CUDA.
+wider MLP applied to every token. At decode time on CUDA the whole block runs as ``kernels.moe.moe_decode`` (and
+the dense MLP through ``kernels.linear.gemv``), batch invariant; for more tokens (prefill) the grouped products are
+``kernels.grouped_gemm.grouped_mm`` on CUDA.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import grouped_gemm, kernels, moe_kernels
+from .. import kernels
 from .config import LanguageConfig
 
 # checkpoint sub-key of one expert -> (stacked parameter, row offset in units of the expert width)
@@ -61,13 +61,14 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward`` of one token per row: on CUDA both products through ``kernels.gemv``, so that a row's result
-        does not depend on the batch (cuBLAS picks its reduction by the number of rows). x [..., D] -> [..., D]"""
+        """``forward`` of one token per row: on CUDA both products through ``kernels.linear.gemv``, so that a row's
+        result does not depend on the batch (cuBLAS picks its reduction by the number of rows).
+        x [..., D] -> [..., D]"""
         down = self.down_proj.weight
-        if not (self.gate_up.numel() and kernels.gemv_ok(x, self.gate_up) and kernels.gemv_ok(x, down)):
+        if not (self.gate_up.numel() and kernels.linear.gemv_ok(x, self.gate_up) and kernels.linear.gemv_ok(x, down)):
             return self(x)
-        gate, up = kernels.gemv(x, self.gate_up).chunk(2, dim=-1)
-        return kernels.gemv(F.silu(gate) * up, down)
+        gate, up = kernels.linear.gemv(x, self.gate_up).chunk(2, dim=-1)
+        return kernels.linear.gemv(F.silu(gate) * up, down)
 
 
 class Experts(nn.Module):
@@ -80,10 +81,24 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n, dim, hidden))
 
 
+IMPLS = ("grouped", "loop")
+
+
+def set_impl(module: nn.Module, impl: str) -> None:
+    """Choose the routed-expert implementation of every MoE block in ``module`` (a model, or one block): "grouped"
+    (fast) or "loop" (plain). The engine sets its model's from ``EngineConfig.moe_impl``."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown MoE implementation {impl!r}: use one of {', '.join(IMPLS)}")
+    for m in module.modules():
+        if isinstance(m, MoE):
+            m.impl = impl
+
+
 class MoE(nn.Module):
     # "grouped": the fast path: sort token-expert pairs and run grouped matrix products, or on CUDA for
-    # decode the Triton kernels of ``moe_kernels``; both are free of host synchronisation.
+    # decode the Triton kernels of ``kernels.moe``; both are free of host synchronisation.
     # "loop": one expert at a time, as the research code does (the plain path the tests compare to).
+    # A block's own choice (``set_impl``); this is the default.
     impl: str = "grouped"
 
     def __init__(self, cfg: LanguageConfig) -> None:
@@ -100,8 +115,8 @@ class MoE(nn.Module):
 
     def decode_kernels_ok(self, x: torch.Tensor) -> bool:
         """Whether x's tokens (up to MAX_DECODE_TOKENS: decode) run through the fused decode kernels."""
-        return (self.impl == "grouped" and kernels.available(x) and self.shared_experts.gate_up.numel() > 0
-                and moe_kernels.moe_decode_ok(x.numel() // x.shape[-1], x.shape[-1], self.experts.hidden))
+        return (self.impl == "grouped" and kernels.launch.available(x) and self.shared_experts.gate_up.numel() > 0
+                and kernels.moe.moe_decode_ok(x.numel() // x.shape[-1], x.shape[-1], self.experts.hidden))
 
     def _expert_weights(self) -> tuple[torch.Tensor, ...]:
         return (self.gate.weight, self.experts.w13, self.experts.w2, self.shared_experts.gate_up,
@@ -120,19 +135,19 @@ class MoE(nn.Module):
 
     def decode_residual(self, x: torch.Tensor, a: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         """h + MoE(norm(h)) with h = x + a, for a decode step's tokens: the residual add and the norm run inside
-        the router kernel (see ``moe_kernels.moe_decode_residual``). x, a [..., D] -> [..., D]"""
+        the router kernel (see ``kernels.moe.moe_decode_residual``). x, a [..., D] -> [..., D]"""
         d = x.shape[-1]
-        h, y = moe_kernels.moe_decode_residual(x.reshape(-1, d), a.reshape(-1, d), norm.weight, norm.eps,
+        h, y = kernels.moe.moe_decode_residual(x.reshape(-1, d), a.reshape(-1, d), norm.weight, norm.eps,
                                                *self._expert_weights(), self.top_k)
         return (h + self._add_slots(y, x.dtype)).view(x.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
-        if self.decode_kernels_ok(x) and x.shape[0] * self.top_k <= kernels.MAX_DECODE_TOKENS:
+        if self.decode_kernels_ok(x) and x.shape[0] * self.top_k <= kernels.launch.MAX_DECODE_TOKENS:
             # A few tokens outside decode (at most 64 token-expert pairs; more take the grouped products below):
             # routing, routed and shared experts in three kernels that read only the chosen experts.
-            y = moe_kernels.moe_decode(x, *self._expert_weights(), self.top_k)
+            y = kernels.moe.moe_decode(x, *self._expert_weights(), self.top_k)
             return self._add_slots(y, x.dtype).view(shape)
         weights, ids = self.route(x)
         if self.impl == "loop":
@@ -143,7 +158,7 @@ class MoE(nn.Module):
 
 
 def grouped_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: Experts) -> torch.Tensor:
-    """Sorted token-expert pairs through two grouped GEMMs (on CUDA ``grouped_gemm.grouped_mm``, else
+    """Sorted token-expert pairs through two grouped GEMMs (on CUDA ``kernels.grouped_gemm.grouped_mm``, else
     ``torch._grouped_mm``). x [N, D] -> [N, D]"""
     n, k = ids.shape
     flat = ids.flatten()  # [N*k]
@@ -153,10 +168,11 @@ def grouped_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, e
     counts = torch.zeros(experts.w13.shape[0], dtype=torch.int32, device=x.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
     offs = counts.cumsum(0, dtype=torch.int32)  # end row of each expert's group
-    if grouped_gemm.grouped_mm_ok(x, experts.w13, silu_pairs=True) and grouped_gemm.grouped_mm_ok(x, experts.w2):
+    grouped = kernels.grouped_gemm
+    if grouped.grouped_mm_ok(x, experts.w13, silu_pairs=True) and grouped.grouped_mm_ok(x, experts.w2):
         # Triton: each expert's weights read from HBM once, SwiGLU in the gate‖up epilogue (no [N*k, 2I] tensor).
-        h = grouped_gemm.grouped_mm(x[token], experts.w13, offs, silu_pairs=True)  # [N*k, I]
-        y = grouped_gemm.grouped_mm(h, experts.w2, offs)  # [N*k, D]
+        h = grouped.grouped_mm(x[token], experts.w13, offs, silu_pairs=True)  # [N*k, I]
+        y = grouped.grouped_mm(h, experts.w2, offs)  # [N*k, D]
     else:
         h = torch._grouped_mm(x[token], experts.w13.transpose(1, 2), offs=offs)  # [N*k, 2I]
         gate, up = h.split(experts.hidden, dim=-1)

@@ -32,6 +32,7 @@ from .sampling import RequestRng
 
 _END = object()
 IDLE_EXIT_S = 10.0  # the scheduler thread ends after this long with nothing to do
+_WAKE = object()  # put in the queue by ``Scheduler.close`` to wake an idle loop
 
 
 class QueueFull(RuntimeError):
@@ -83,7 +84,20 @@ class Scheduler:
         self.rows: list[Active] = []
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._closing = threading.Event()
         self.steps = 0
+
+    def close(self, timeout: float = 60.0) -> None:
+        """End the loop once it has finished what it runs, now rather than after IDLE_EXIT_S, and wait for it: so
+        that a process (the command line) does not exit while the thread is inside torch. A later ``submit``
+        starts the loop again."""
+        with self._lock:
+            thread = self._thread
+            if thread is None:
+                return
+            self._closing.set()
+            self.incoming.put(_WAKE)
+        thread.join(timeout)
 
     def submit(self, req, cancel: threading.Event) -> Active:
         if self.incoming.qsize() + len(self.waiting) >= self.max_waiting:
@@ -91,6 +105,7 @@ class Scheduler:
         mode = sampler_mode(req.params)
         item = Active(req, cancel, queue.SimpleQueue(), self.make_decoder(), mode)
         with self._lock:  # the loop leaves only under this lock, with nothing queued (see _take_incoming)
+            self._closing.clear()
             self.incoming.put(item)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="dsvl2-scheduler", daemon=True)
@@ -131,10 +146,13 @@ class Scheduler:
         """Move new requests to the waiting list; False when the loop has been idle for IDLE_EXIT_S and ends."""
         got = False
         try:
-            self.waiting.append(self.incoming.get(block=block, timeout=IDLE_EXIT_S if block else None))
-            got = True
+            item = self.incoming.get(block=block, timeout=(0.0 if self._closing.is_set() else IDLE_EXIT_S)
+                                     if block else None)
             while True:
-                self.waiting.append(self.incoming.get_nowait())
+                if item is not _WAKE:
+                    self.waiting.append(item)
+                    got = True
+                item = self.incoming.get_nowait()
         except queue.Empty:
             if block and not got:
                 with self._lock:
