@@ -183,6 +183,23 @@ def test_background_load_error_surfaces_when_generation_waits(tiny_checkpoint: P
         bg.warmup()
 
 
+def test_a_tokenizer_past_the_embedding_table_is_refused_at_load(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    # Token ids at or past vocab_size have no embedding row: refused when loading, naming both numbers, before any
+    # request could meet one (the tiny tokenizer's largest id is 566).
+    import json
+    import shutil
+
+    from dsvl2.errors import CheckpointError
+
+    small = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, small)
+    raw = json.loads((small / "config.json").read_text())
+    raw["language_config"]["vocab_size"] = 566
+    (small / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="token ids up to 566.*vocab_size is 566"):
+        Engine.from_pretrained(small, EngineConfig(device="cpu"), log=lambda s: None)
+
+
 def test_padded_prefill_equals_the_prompt_alone(engine: Engine) -> None:
     # The captured prefill pads the prompt to a length bucket: the logits at the last real position are those
     # of the unpadded prompt.

@@ -173,6 +173,15 @@ class Processor:
             raise CheckpointError(f"cannot parse {root / 'tokenizer.json'}: {e}") from e
         return cls(tokenizer, config, bos, eos)
 
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Refuse a tokenizer whose token ids reach past the model's embedding table (``vocab_size`` rows): such an
+        id would fail every request that produced it, so the checkpoint is refused when it is loaded."""
+        largest = max(self.tokenizer.get_vocab(with_added_tokens=True).values())
+        if largest >= vocab_size:
+            raise CheckpointError(f"tokenizer.json has token ids up to {largest}, but config.json's "
+                                  f"language_config.vocab_size is {vocab_size}: ids from {vocab_size} on have no "
+                                  f"embedding (the tokenizer and the weights do not belong together)")
+
     def encode(self, prompt: str, images: list[Image.Image]) -> Encoded:
         """Token ids, tiles and image mask for one user turn; one `<image>` tag per image.
 

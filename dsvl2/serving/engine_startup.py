@@ -73,8 +73,9 @@ class EngineStartup:
             # read or in flight, in the order it copies them).
             prefetch.start_read_ahead(shard_files(checkpoint_dir).values(), streams=loader.LOAD_WORKERS)
         processor = Processor.from_pretrained(checkpoint_dir)
+        cfg = ModelConfig.from_file(checkpoint_dir / "config.json")
+        processor.check_vocabulary(cfg.language.vocab_size)  # before any weight is read
         if background_load:
-            cfg = ModelConfig.from_file(checkpoint_dir / "config.json")
             engine = cls(allocate_model(cfg, device, dtype), processor, config, log)
             engine._start_loading(checkpoint_dir)
             # The compiler stack imported here, beside the load and before any thread that uses it starts: its
