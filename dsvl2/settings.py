@@ -84,11 +84,14 @@ def engine_config(device: str | None = None, dtype: torch.dtype | None = None) -
 
 
 def batch_slots() -> int | None:
+    from dsvl2.serving.engine_config import SLOT_CEILING
+
     raw = _env(BATCH_ENV)
     if not raw:
         return None
-    if not raw.isdigit() or not 1 <= int(raw) <= 64:
-        raise RuntimeError(f"{BATCH_ENV}={raw!r} is not supported: use an integer from 1 to 64, or leave it unset")
+    if not raw.isdigit() or not 1 <= int(raw) <= SLOT_CEILING:
+        raise RuntimeError(f"{BATCH_ENV}={raw!r} is not supported: use an integer from 1 to {SLOT_CEILING}, or "
+                           "leave it unset")
     return int(raw)
 
 

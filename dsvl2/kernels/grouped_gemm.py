@@ -17,8 +17,6 @@ Registered as a ``torch.library`` custom operator, like the decode kernels.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .. import gpus
@@ -136,16 +134,12 @@ if triton is not None:
         tl.store(out_tile, out, mask=mask_r[:, None])
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _tma_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether the tiles can be loaded by the tensor memory accelerator: Hopper or later (or the interpreter),
     16-byte aligned rows."""
     if TensorDescriptor is None or x.data_ptr() % 16 or w.data_ptr() % 16 or (x.shape[1] * x.element_size()) % 16:
         return False
-    return _interpreted() or (x.is_cuda and _hopper(x))
+    return launch.interpreted() or (x.is_cuda and _hopper(x))
 
 
 def _config(silu_pairs: bool, overrides: dict[str, int | bool | None]) -> dict[str, int | bool]:
@@ -164,7 +158,7 @@ def grouped_mm_ok(x: torch.Tensor, w: torch.Tensor, *, silu_pairs: bool = False)
     return (launch.available(x) and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype
             and w.dim() == 3 and w.is_contiguous() and w.shape[2] % cfg["block_k"] == 0
             and w.shape[1] % cfg["block_n"] == 0 and cfg["block_n"] % 2 == 0
-            and (_interpreted() or shared_memory(cfg, x.dtype.itemsize) <= gpus.shared_memory_optin(x.device)))
+            and (launch.interpreted() or shared_memory(cfg, x.dtype.itemsize) <= gpus.shared_memory_optin(x.device)))
 
 
 def shared_memory(cfg: dict[str, int | bool], element_size: int) -> int:
@@ -177,7 +171,7 @@ def shared_memory(cfg: dict[str, int | bool], element_size: int) -> int:
 
 def _hopper(x: torch.Tensor) -> bool:
     """Whether x's GPU is sm90 or later (or the interpreter runs the kernel): tiles through the TMA."""
-    return _interpreted() or launch.sm90_or_later(x.device)
+    return launch.interpreted() or launch.sm90_or_later(x.device)
 
 
 @torch.library.custom_op("dsvl2::grouped_mm", mutates_args=())
@@ -216,7 +210,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, silu_pai
         x_arg, w_arg = x, w
     launch.launch(_grouped_mm_kernel, grid, x_arg, w_arg, offs.contiguous(), out, N=n, K=k, E=e,
                   E_PAD=triton.next_power_of_2(e), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SILU_PAIRS=silu_pairs,
-                  TMA=use_tma, INTERPRET=_interpreted(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                  TMA=use_tma, INTERPRET=launch.interpreted(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 

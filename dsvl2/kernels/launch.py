@@ -36,6 +36,11 @@ def available(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda
 
 
+def interpreted() -> bool:
+    """Whether Triton runs its interpreter (TRITON_INTERPRET=1: the CPU tests), where there is no GPU to fit."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 # Set (in one thread) by ``precompile``: the launches that thread makes are collected instead of run.
 _COLLECTED: contextvars.ContextVar[list | None] = contextvars.ContextVar("dsvl2_collected_launches", default=None)
 
@@ -129,7 +134,7 @@ def sm90_or_later(device: torch.device) -> bool:
 
 def use_pdl(x: torch.Tensor) -> bool:
     """Whether the kernels launch with programmatic dependent launch on x's device (sm90+, Triton support)."""
-    if not PDL or not x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+    if not PDL or not x.is_cuda or interpreted():
         return False
     if x.device not in _pdl_devices:
         _pdl_devices[x.device] = sm90_or_later(x.device) and _launch_pdl_supported()
@@ -180,7 +185,7 @@ if triton is not None:
 
 def fp32_dot(x: torch.Tensor) -> bool:
     """The ``dot`` helper's FP32_DOT for operands like x: float32 ones, and all under Triton's interpreter."""
-    return x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+    return x.dtype == torch.float32 or interpreted()
 
 
 def mma_tiles(config: tuple[int, int, int, int, int], k: int, itemsize: int,
@@ -199,4 +204,4 @@ def mma_tiles(config: tuple[int, int, int, int, int], k: int, itemsize: int,
 
 def shared_memory_of(x: torch.Tensor) -> int | None:
     """The shared memory a block may use on x's GPU (``gpus``: an L40S 99 KB, an H200 227 KB); None off the GPU."""
-    return gpus.shared_memory_optin(x.device) if x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" else None
+    return gpus.shared_memory_optin(x.device) if x.is_cuda and not interpreted() else None

@@ -180,9 +180,10 @@ def _moe_block(x: torch.Tensor, a: torch.Tensor | None, norm_w: torch.Tensor | N
     y = torch.empty(n, slots, d, dtype=torch.float32, device=x.device)
     if launch.tensor_cores(n):
         fp32_dot, smem = launch.fp32_dot(x), launch.shared_memory_of(x)
+        held = 4 * min(GATE_UP_MMA_CONFIG[0], DOWN_MMA_CONFIG[0])  # a group's pairs (at most n) in four tiles
+        if n > held:
+            raise ValueError(f"{n} tokens: the expert kernels hold at most {held} (four tiles of BLOCK_M rows)")
         bm, bn, bk, nw, ns = launch.mma_tiles(GATE_UP_MMA_CONFIG, d, x.element_size(), smem)
-        if n > 4 * min(bm, DOWN_MMA_CONFIG[0]):  # the kernels hold a group's pairs (at most n) in four tiles
-            raise ValueError(f"{n} tokens: the expert kernels hold at most {4 * bm} (four tiles of {bm} rows)")
         launch.launch(moe_experts.gate_up_mma_kernel, (groups, triton.cdiv(hid, bn)), xn, w13, shared_gate_up, table,
                       h, n, D=d, HID=hid, E=e, K_TOP=top_k, N_SHARED=n_shared, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                       FP32_DOT=fp32_dot, num_warps=nw, num_stages=ns, **pdl)

@@ -14,6 +14,14 @@ from .launch import gdc_launch_dependents, gdc_wait, tile_dot, triton
 if triton is not None:
     import triton.language as tl
 
+    @triton.jit
+    def swiglu(gate, up, dtype: tl.constexpr):
+        # silu(gate) * up from float32 sums, rounded as the plain MLP rounds: each product to dtype, the
+        # activation to dtype, their product to dtype. -> dtype
+        g = gate.to(dtype).to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+        return (act * up.to(dtype).to(tl.float32)).to(dtype)
+
     @triton.jit(do_not_specialize=["n_tokens"])
     def gate_up_kernel(x_ptr, w13_ptr, sgu_ptr, table_ptr, h_ptr, n_tokens, D: tl.constexpr,
                        D_PAD: tl.constexpr, HID: tl.constexpr, E: tl.constexpr, K_TOP: tl.constexpr,
@@ -60,10 +68,9 @@ if triton is not None:
                 token = pair // K_TOP
                 slot = pair % K_TOP
             xk = tl.load(x_ptr + token * D + k, mask=k < D, other=0.0).to(tl.float32)
-            g_r = tl.sum(gate.to(tl.float32) * xk[None, :], axis=1).to(dtype).to(tl.float32)
-            u_r = tl.sum(up.to(tl.float32) * xk[None, :], axis=1).to(dtype).to(tl.float32)
-            act = (g_r / (1.0 + tl.exp(-g_r))).to(dtype).to(tl.float32)
-            tl.store(h_ptr + (token * (K_TOP + N_SHARED) + slot) * HID + n, (act * u_r).to(dtype), mask=n < HID)
+            out = swiglu(tl.sum(gate.to(tl.float32) * xk[None, :], axis=1),
+                         tl.sum(up.to(tl.float32) * xk[None, :], axis=1), dtype)
+            tl.store(h_ptr + (token * (K_TOP + N_SHARED) + slot) * HID + n, out, mask=n < HID)
 
     @triton.jit(do_not_specialize=["n_tokens"])
     def down_kernel(h_ptr, w2_ptr, sd_ptr, table_ptr, wt_ptr, y_ptr, n_tokens, D: tl.constexpr,
@@ -113,7 +120,7 @@ if triton is not None:
 
 
     @triton.jit
-    def _group_rows(table_ptr, g, n_tokens, E: tl.constexpr, K_TOP: tl.constexpr, N_SHARED: tl.constexpr):
+    def _group_rows(table_ptr, g, n_tokens, E: tl.constexpr, N_SHARED: tl.constexpr):
         # Group g's pairs: (weight offset of its expert or shared slice in units of that expert's matrices,
         # shared or not, where its pairs start in the table's pair list, how many). Shared groups hold every token.
         shared = g < N_SHARED
@@ -137,11 +144,8 @@ if triton is not None:
 
     @triton.jit
     def _gate_up_out(acc_g, acc_u, h_ptr, rows, valid, n, HID: tl.constexpr):
-        # h[rows] = silu(gate) * up, rounded as the plain MLP rounds.
-        dtype = h_ptr.dtype.element_ty
-        g_r = acc_g.to(dtype).to(tl.float32)
-        act = (g_r / (1.0 + tl.exp(-g_r))).to(dtype).to(tl.float32)
-        out = (act * acc_u.to(dtype).to(tl.float32)).to(dtype)
+        # h[rows] = silu(gate) * up (``swiglu``).
+        out = swiglu(acc_g, acc_u, h_ptr.dtype.element_ty)
         tl.store(h_ptr + rows[:, None] * HID + n[None, :], out, mask=valid[:, None] & (n < HID)[None, :])
 
     @triton.jit(do_not_specialize=["n_tokens"])
@@ -157,7 +161,7 @@ if triton is not None:
         if USE_PDL:
             gdc_wait()
             gdc_launch_dependents()
-        which, shared, first, count = _group_rows(table_ptr, g, n_tokens, E, K_TOP, N_SHARED)
+        which, shared, first, count = _group_rows(table_ptr, g, n_tokens, E, N_SHARED)
         if count > 0:
             w_gate = tl.where(shared, sgu_ptr + which * (HID * D), w13_ptr + which * (2 * HID * D))
             w_up = w_gate + tl.where(shared, N_SHARED * HID * D, HID * D)
@@ -211,7 +215,7 @@ if triton is not None:
         # wait, as ``down_kernel`` explains.
         g = tl.program_id(0)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        which, shared, first, count = _group_rows(table_ptr, g, n_tokens, E, K_TOP, N_SHARED)
+        which, shared, first, count = _group_rows(table_ptr, g, n_tokens, E, N_SHARED)
         # A shared slice's columns of the shared down matrix [D, N_SHARED * HID]; an expert's own [D, HID].
         w_base = tl.where(shared, sd_ptr + which * HID, w2_ptr + which * (D * HID))
         stride = tl.where(shared, N_SHARED * HID, HID)
