@@ -17,8 +17,8 @@ together on the GPU (continuous batching, dsvl2.serving.scheduler).
 from dsvl2 import settings
 from dsvl2.startup import prefetch
 
-if settings.device_name() == "cuda":  # as setup() reads it
-    prefetch.start()
+if settings.device_name() == "cuda" and "prefetch" not in settings.startup_skipped():  # as setup() reads them
+    prefetch.start()  # step 0 of dsvl2.startup.sequence
 
 import asyncio
 import time
@@ -30,9 +30,9 @@ from cog import BaseRunner, ConcatenateIterator, Input, Path, streaming
 from dsvl2.errors import CheckpointError
 from dsvl2.serving import service
 from dsvl2.serving.engine import Engine
-from dsvl2.serving.engine_startup import phase
 from dsvl2.serving.service import log
 from dsvl2.startup.download import ensure_checkpoint
+from dsvl2.startup.sequence import phase
 
 MAX_PROMPT_CHARS = 100_000  # far beyond the 4096-token context; refused before it is tokenized
 REPO_ID = "deepseek-ai/deepseek-vl2-small"

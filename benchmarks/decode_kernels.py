@@ -141,7 +141,7 @@ def patched(module: object, name: str, value: object) -> Iterator[None]:
         setattr(module, name, saved)
 
 
-def sweep(lm: LanguageModel) -> None:
+def sweep(lm: LanguageModel, only_experts: bool = False) -> None:
     """Microseconds per call (graph replay) at 1, 8 and 64 rows of each tensor-core kernel's candidate tiles
     (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), and cuBLAS for the linear layers:
     {kernel: {tiles: [1 row, 8 rows, 64 rows]}}."""
@@ -154,9 +154,12 @@ def sweep(lm: LanguageModel) -> None:
               (64, 64, 128, 4, 3), (64, 16, 128, 4, 4))
     wide = ((16, 64, 128, 4, 4), (64, 64, 128, 4, 3), (64, 128, 128, 4, 3), (64, 64, 256, 4, 3), (64, 128, 64, 4, 4),
             (64, 64, 128, 8, 3))
-    experts = ((16, 32, 128, 4, 4), (16, 32, 128, 4, 3), (16, 16, 128, 4, 3), (16, 32, 256, 4, 2), (16, 64, 128, 4, 2))
-    for name, w in (("q_kv_a", attn.q_kv_a), ("o_proj", attn.o_proj.weight), ("lm_head", lm.lm_head.weight),
-                    ("dense_gate_up", dense.gate_up), ("dense_down", dense.down_proj.weight)):
+    experts = ((16, 32, 128, 4, 4), (16, 32, 128, 4, 3), (16, 16, 128, 4, 3), (16, 16, 128, 4, 4), (16, 16, 256, 4, 3),
+               (16, 32, 256, 4, 2), (16, 32, 64, 4, 6), (16, 32, 128, 2, 4), (16, 32, 128, 8, 4), (16, 64, 128, 4, 2),
+               (16, 64, 64, 4, 4))
+    linear = (("q_kv_a", attn.q_kv_a), ("o_proj", attn.o_proj.weight), ("lm_head", lm.lm_head.weight),
+              ("dense_gate_up", dense.gate_up), ("dense_down", dense.down_proj.weight))
+    for name, w in () if only_experts else linear:
         xs = [torch.randn(b, w.shape[1], device="cuda", dtype=w.dtype) for b in sizes]
         times = out[f"gemv_{name}"] = {"cublas": [graph_us(lambda x=x, w=w: F.linear(x, w)) for x in xs]}
         knob, cfgs = ("MM_WIDE_CONFIG", wide) if w.shape[0] >= kernels.linear.GEMV_WIDE_N else ("MM_CONFIG", narrow)
@@ -177,6 +180,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,8,32,64", help="batch sizes, at most 64")
     parser.add_argument("--sweep", action="store_true", help="also time the tensor-core kernels' tiles")
+    parser.add_argument("--sweep-experts", action="store_true", help="--sweep of the expert kernels only")
     parser.add_argument("--cuda-cores", action="store_true", help="the CUDA-core kernels instead of tensor cores")
     parser.add_argument("--out", default="decode_kernels.json", help="file name under $OUT")
     parser.add_argument("--tiles", default="{}", help='tiles to use, e.g. {"MM_CONFIG": [64, 32, 256, 4, 3]}')
@@ -200,8 +204,8 @@ def main() -> None:
                        "dense_mlp": kernels.linear.gemv_ok(x, lm.model.layers[0].mlp.gate_up)})
     invariance_and_speed(lm, [int(b) for b in args.batches.split(",")])
     fast_vs_plain(lm)
-    if args.sweep:
-        sweep(lm)
+    if args.sweep or args.sweep_experts:
+        sweep(lm, only_experts=args.sweep_experts)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], args.out).write_text(json.dumps(RECORD, indent=1))
 

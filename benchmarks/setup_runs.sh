@@ -9,7 +9,7 @@ out=$1; shift
 mkdir -p "$out"
 ckpt=/tmp/b/ckpt-small
 if [ ! -f "$ckpt/config.json" ]; then
-  python3 -c "from dsvl2.tiny import build_random_checkpoint as b; b('$ckpt', 'small', std=0.02, n_shards=4, device='cuda')"
+  python3 -c "from dsvl2.model.tiny import build_random_checkpoint as b; b('$ckpt', 'small', std=0.02, n_shards=4, device='cuda')"
 fi
 i=0
 for run in "$@"; do

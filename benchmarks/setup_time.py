@@ -3,8 +3,8 @@ warm-up compiles, then the decode graphs are captured on the loaded weights. Aft
 checkpoint tensor is compared with the model's parameter it was copied into.
 
     python benchmarks/setup_time.py CHECKPOINT_DIR [--sample-stacks] [--background load|none|disk|h2d]
-                                   [--workers early|wait] [--no-bundle] [--save-bundle DIR] [--early-read-ahead]
-                                   [--load-workers N]
+                                   [--no-bundle] [--save-bundle DIR] [--early-read-ahead] [--load-workers N]
+                                   [--skip MECHANISM,...]
 
 ``--sample-stacks`` also reports where each thread (the warm-up's compiler, the loader) spent the setup and how
 much CPU it got (``stack_sampler.py``).
@@ -14,15 +14,13 @@ much CPU it got (``stack_sampler.py``).
 goes to the GPU), ``h2d`` (host-to-GPU copies of the load's sizes from pageable memory, no disk) for as long as
 the load takes. The weight check is skipped for these.
 
-``--workers`` tries an earlier start of Inductor's compile worker processes (session 5's stack samples showed
-Inductor compiling its kernels in the main process because the pool was not ready): ``early`` starts them in a
-thread right after torch is imported, ``wait`` also waits for them before the warm-up. Not yet measured.
-
 ``--no-bundle`` ignores the shipped compile bundles (``dsvl2.startup.compile_bundle``): with an empty compile cache, the
 first start of a GPU or software stack that has none. ``--save-bundle DIR`` writes this start's compiled code
 into DIR as the bundle for this GPU and stack (after the timings; ``DIR=dsvl2/compiled`` to ship it).
 ``--early-read-ahead`` starts the shards' read-ahead before torch is imported rather than when the engine starts.
-``--load-workers N`` copies N shards side by side, each with its own read-ahead (``dsvl2.model.loader.LOAD_WORKERS``).
+``--load-workers N`` copies N shards side by side, each with its own read-ahead (``EngineConfig.load_workers``);
+``--skip`` leaves start-up mechanisms out (``EngineConfig.startup``). What a user waits for, through the real server,
+is ``server_start.py``'s.
 """
 
 from __future__ import annotations
@@ -44,9 +42,10 @@ import torch  # noqa: E402
 from stack_sampler import StackSampler  # noqa: E402
 
 import dsvl2.model.loader  # noqa: E402
-import dsvl2.serving.engine_startup  # noqa: E402
 from dsvl2.model.loader import DROPPED_PREFIXES, _expert_rows, _target, iter_tensors, shard_files  # noqa: E402
 from dsvl2.serving.engine import Engine, EngineConfig  # noqa: E402
+from dsvl2.serving.engine_config import STARTUP_MECHANISMS  # noqa: E402
+from dsvl2.startup import sequence  # noqa: E402
 from dsvl2.startup.prefetch import read_ahead  # noqa: E402
 
 t_import = time.perf_counter() - t_start
@@ -64,25 +63,6 @@ def timed(name, fn):
 
 
 BACKGROUND = sys.argv[sys.argv.index("--background") + 1] if "--background" in sys.argv else "load"
-WORKERS = sys.argv[sys.argv.index("--workers") + 1] if "--workers" in sys.argv else ""
-if WORKERS in ("early", "wait"):
-    import threading  # noqa: E402
-
-    from dsvl2.startup.compilation import start_compile_workers  # noqa: E402
-
-    threading.Thread(target=start_compile_workers, name="early-compile-workers", daemon=True).start()
-if WORKERS == "wait":
-    warmup = Engine.warmup
-
-    def waiting_warmup(self):
-        from torch._inductor.async_compile import AsyncCompile
-
-        t = time.perf_counter()
-        AsyncCompile.wait_pool_ready()
-        print(f"waited {time.perf_counter() - t:.1f} s for the compile workers", flush=True)
-        warmup(self)
-
-    Engine.warmup = waiting_warmup
 LOAD_SECONDS = 35.0  # the load's duration on the lent H100s (BENCHMARKS.md)
 
 
@@ -118,22 +98,23 @@ def copy_pageable(model, ckpt, log):
     log(f"copied {total / 1e9:.2f} GB host to GPU in {time.perf_counter() - t0:.1f} s (no disk)")
 
 
-startup = dsvl2.serving.engine_startup  # where the engine's start-up looks these names up
+loader = dsvl2.model.loader  # where the start-up (dsvl2.startup.sequence) looks these names up
 if BACKGROUND != "load":
-    startup.load_into = {"none": lambda model, ckpt, log: None, "disk": read_shards,
-                         "h2d": copy_pageable}[BACKGROUND]
-startup.allocate_model = timed("allocate_model_s", startup.allocate_model)
-startup.Processor.from_pretrained = timed("processor_s", startup.Processor.from_pretrained)
-Engine._load_compile_bundle = timed("bundle_s", Engine._load_compile_bundle)
+    loader.load_into = {"none": lambda model, ckpt, **kw: None, "disk": lambda model, ckpt, **kw: read_shards(
+        model, ckpt, print), "h2d": lambda model, ckpt, **kw: copy_pageable(model, ckpt, print)}[BACKGROUND]
+loader.allocate_model = timed("allocate_model_s", loader.allocate_model)
+sequence.Processor.from_pretrained = timed("processor_s", sequence.Processor.from_pretrained)
+Engine.load_compile_bundle = timed("bundle_s", Engine.load_compile_bundle)
 sampler = StackSampler(interval=0.01, depth=6) if "--sample-stacks" in sys.argv else None
 if sampler:
     sampler.start()
 t0 = time.perf_counter()
 torch.zeros(1, device="cuda")
 t_cuda = time.perf_counter() - t0
-if "--load-workers" in sys.argv:
-    dsvl2.model.loader.LOAD_WORKERS = int(sys.argv[sys.argv.index("--load-workers") + 1])
-engine = Engine.from_pretrained(sys.argv[1], EngineConfig(background_load=True), log=lambda s: print(s, flush=True))
+workers = int(sys.argv[sys.argv.index("--load-workers") + 1]) if "--load-workers" in sys.argv else 1
+skip = set(sys.argv[sys.argv.index("--skip") + 1].split(",")) if "--skip" in sys.argv else set()
+config = EngineConfig(background_load=True, load_workers=workers, startup=frozenset(STARTUP_MECHANISMS) - skip)
+engine = Engine.from_pretrained(sys.argv[1], config, log=lambda s: print(s, flush=True))
 if "--no-bundle" in sys.argv:
     engine.bundle_dirs = []
 torch.cuda.synchronize()
@@ -152,6 +133,7 @@ if "--save-bundle" in sys.argv:
     from dsvl2.startup import compile_bundle  # noqa: E402
 
     compile_bundle.save(Path(sys.argv[sys.argv.index("--save-bundle") + 1]), "cuda", log=print)
+    compile_bundle.save_triton(Path(sys.argv[sys.argv.index("--save-bundle") + 1]), "cuda", log=print)
 if BACKGROUND != "load":
     print(json.dumps({**timings, "background": BACKGROUND}))
     sys.exit(0)

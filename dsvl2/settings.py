@@ -24,6 +24,10 @@ Environment:
                  local use only. Unset (or `0`), image inputs over HTTP must be http(s) URLs or data URIs (coglet
                  downloads them); a path is refused with one message whatever is or is not there. Direct Python
                  calls of `Runner.run` and the command line always read local paths.
+  DSVL2_STARTUP_SKIP  start-up mechanisms to leave out, comma-separated (default none; for measurements: each is
+                 kept because an A/B of first starts showed it gains, BENCHMARKS.md). Names in
+                 dsvl2/serving/engine_config.py's STARTUP_MECHANISMS, described in dsvl2/startup/sequence.py.
+  DSVL2_LOAD_WORKERS  shards copied side by side while the weights load (default 1).
   COG_MAX_CONCURRENCY  coglet's prediction slots (read by coglet when the server starts; cog.yaml's
                  `concurrency.max` in a built image): predictions beyond it get HTTP 409. Here only for the log.
 Still read where it is used:
@@ -50,6 +54,8 @@ INVARIANT_ENV = "DSVL2_BATCH_INVARIANT"
 INTERVAL_ENV = "DSVL2_STREAM_INTERVAL_MS"
 PDL_ENV = "DSVL2_PDL"
 LOCAL_FILES_ENV = "DSVL2_ALLOW_LOCAL_FILES"
+SKIP_ENV = "DSVL2_STARTUP_SKIP"
+LOAD_WORKERS_ENV = "DSVL2_LOAD_WORKERS"
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"  # beside predict.py
 DEVICES = ("cuda", "cpu")
 
@@ -80,7 +86,31 @@ def engine_config(device: str | None = None, dtype: torch.dtype | None = None) -
             "(meant for tests and the demo)."
         )
     return EngineConfig(device=device, dtype=dtype, slots=batch_slots(), batch_invariant=batch_invariant(),
-                        pdl=pdl(), stream_interval=stream_interval(), warmup=True)
+                        pdl=pdl(), stream_interval=stream_interval(), warmup=True, startup=startup_mechanisms(),
+                        load_workers=load_workers())
+
+
+def startup_skipped() -> set[str]:
+    """DSVL2_STARTUP_SKIP's names (unchecked; read before torch is imported, for the prefetch)."""
+    return {name.strip() for name in _env(SKIP_ENV).split(",") if name.strip()}
+
+
+def startup_mechanisms() -> frozenset[str]:
+    from dsvl2.serving.engine_config import STARTUP_MECHANISMS
+
+    skipped = startup_skipped()
+    unknown = skipped - set(STARTUP_MECHANISMS)
+    if unknown:
+        raise RuntimeError(f"{SKIP_ENV}={_env(SKIP_ENV)!r}: unknown {', '.join(sorted(unknown))}; the start-up "
+                           f"mechanisms are {', '.join(STARTUP_MECHANISMS)}")
+    return frozenset(STARTUP_MECHANISMS) - skipped
+
+
+def load_workers() -> int:
+    raw = _env(LOAD_WORKERS_ENV, "1")
+    if not raw.isdigit() or not 1 <= int(raw) <= 16:
+        raise RuntimeError(f"{LOAD_WORKERS_ENV}={raw!r} is not supported: use an integer from 1 to 16")
+    return int(raw)
 
 
 def batch_slots() -> int | None:

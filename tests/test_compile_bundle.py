@@ -59,20 +59,20 @@ def test_engine_looks_beside_the_weights_first_and_loads_before_compiling(tiny_c
     logs: list[str] = []
     engine = Engine.from_pretrained(tiny_checkpoint, EngineConfig(device="cpu", compile=True), log=logs.append)
     assert engine.bundle_dirs == [tiny_checkpoint, compile_bundle.SHIPPED]
-    engine._load_compile_bundle()
+    engine.load_compile_bundle()
     assert "no compile bundle" in logs[-1] and compile_bundle.bundle_name(compile_bundle.stack_key("cpu")) in logs[-1]
 
     order: list[str] = []
     (tiny_checkpoint / compile_bundle.bundle_name(compile_bundle.stack_key("cpu"))).write_bytes(b"x")
     monkeypatch.setattr(compile_bundle, "load", lambda path, log: order.append(f"load {path.parent}"))
     monkeypatch.setattr(Engine, "compile", lambda self: order.append("compile"))
-    monkeypatch.setattr(Engine, "_or_eager", lambda self, step: order.append(step.__name__))
+    monkeypatch.setattr(Engine, "or_eager", lambda self, step: order.append(step.__name__))
     monkeypatch.setattr(Engine, "stream", lambda self, req: iter(()))
     try:
         engine.warmup()
     finally:
         (tiny_checkpoint / compile_bundle.bundle_name(compile_bundle.stack_key("cpu"))).unlink()
-    assert order[:3] == [f"load {tiny_checkpoint}", "compile", "_warm_requests"]
+    assert order[:3] == [f"load {tiny_checkpoint}", "compile", "warm_requests"]
 
 
 ROUND_TRIP = """
@@ -111,3 +111,47 @@ def test_round_trip_a_fresh_cache_compiles_from_the_bundle(tmp_path: Path) -> No
     loaded = run("load", "cache2")
     assert "1 inductor" in loaded
     assert "'fxgraph_cache_hit': 1" in loaded and "fxgraph_cache_miss" not in loaded
+
+
+def test_triton_archive_ships_our_kernels_and_launchers_not_inductors(tmp_path: Path, monkeypatch) -> None:
+    """Our Triton kernels are outside torch's cache: their Triton cache entries travel in an archive of their own,
+    unpacked before the warm-up without touching entries already there; a damaged archive is logged and skipped."""
+    made = tmp_path / "made"
+    entries = {"a1": ["_mm_kernel.json", "__grp___mm_kernel.json", "_mm_kernel.cubin"],
+               "b2": ["triton_poi_fused_0.json", "__grp__triton_poi_fused_0.json", "triton_poi_fused_0.cubin"],
+               "c3": ["__triton_launcher.so"]}
+    for entry, files in entries.items():
+        (made / entry).mkdir(parents=True)
+        for f in files:
+            (made / entry / f).write_bytes(f"{entry}/{f}".encode())
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(made))
+    logs: list[str] = []
+    archive = compile_bundle.save_triton(tmp_path / "out", "cpu", logs.append)
+    assert archive.name == compile_bundle.triton_name(compile_bundle.stack_key("cpu"))
+    assert archive.name.endswith(f"_py{sys.version_info.major}.{sys.version_info.minor}.triton.tar.xz")
+
+    fresh = tmp_path / "fresh"
+    (fresh / "a1").mkdir(parents=True)
+    (fresh / "a1" / "kept").write_bytes(b"mine")  # an entry this cache holds already is left as it is
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(fresh))
+    assert compile_bundle.load_triton(archive, logs.append) == 1
+    assert sorted(p.name for p in fresh.iterdir()) == ["a1", "c3"]  # Inductor's entry is torch's cache's business
+    assert (fresh / "c3" / "__triton_launcher.so").read_bytes() == b"c3/__triton_launcher.so"
+    assert [p.name for p in (fresh / "a1").iterdir()] == ["kept"]
+
+    archive.write_bytes(b"damaged")
+    assert compile_bundle.load_triton(archive, logs.append) == 0 and "not used" in logs[-1]
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "empty"))
+    assert compile_bundle.save_triton(tmp_path / "out", "cpu", logs.append) is None
+
+
+def test_kernels_compiled_meanwhile_are_named(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    assert compile_bundle.triton_entries() == set()  # no cache yet
+    (tmp_path / "cache" / "old").mkdir(parents=True)
+    before = compile_bundle.triton_entries()
+    for entry, name in (("new1", "_gemv_kernel"), ("new2", "triton_poi_fused_0")):
+        (tmp_path / "cache" / entry).mkdir()
+        (tmp_path / "cache" / entry / f"{name}.json").write_text("{}")
+        (tmp_path / "cache" / entry / f"__grp__{name}.json").write_text("{}")
+    assert compile_bundle.compiled_since(before) == ["_gemv_kernel", "triton_poi_fused_0"]

@@ -325,38 +325,6 @@ def test_capture_prepares_the_vision_graph_of_every_single_image_tile_count(engi
     assert set(engine.runner.decode_graphs) == {(m, b) for m in modes for b in engine.runner.buckets}
 
 
-def test_kernel_precompile_leaves_the_engine_as_it_was(engine: Engine) -> None:
-    # The background compile of the Triton kernels runs one MoE layer's plain decode and prefill experts on dummy
-    # inputs. Here (CPU) no kernel applies, so none is compiled, but the plain code runs: the engine's cache,
-    # positions and answers must be untouched by it.
-    req = engine.prepare("<image>\nDescribe this image.", [Image.new("RGB", (64, 48), (9, 90, 200))],
-                         SamplingParams(temperature=0.0), 6)
-    list(engine.stream(req))
-    engine.runner.cache.normal_()  # any write would show (rows past the answer are rewritten before they are read)
-    cache, pos = engine.runner.cache.clone(), engine.runner.pos.clone()
-    engine.logs.clear()
-    engine._precompile_kernels()
-    assert torch.equal(engine.runner.cache, cache) and torch.equal(engine.runner.pos, pos)
-    assert len(engine.logs) == 1 and engine.logs[0].startswith("compiled 0 Triton kernels"), engine.logs
-    again = engine.prepare("<image>\nDescribe this image.", [Image.new("RGB", (64, 48), (9, 90, 200))],
-                           SamplingParams(temperature=0.0), 6)
-    list(engine.stream(again))
-    assert again.output_ids == req.output_ids
-
-
-def test_a_failed_kernel_precompile_is_logged_not_raised(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dsvl2 import kernels
-
-    def broken(run, device, workers=8):
-        raise RuntimeError("ptxas fatal")
-
-    monkeypatch.setattr(kernels.launch, "precompile", broken)
-    engine.logs.clear()
-    engine._precompile_kernels()
-    assert engine.logs == ["compiling the Triton kernels ahead failed (RuntimeError: ptxas fatal); they compile at "
-                           "first use"]
-
-
 def test_the_config_sets_pdl_and_the_models_moe_implementation(engine: Engine) -> None:
     # EngineConfig.pdl is the kernels' launch mode (process-wide) and EngineConfig.moe_impl this engine's model's own.
     from dsvl2 import kernels

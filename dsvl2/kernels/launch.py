@@ -1,7 +1,6 @@
-"""What every decode kernel shares: how it is launched, compiled ahead, and fitted to the GPU.
+"""What every decode kernel shares: how it is launched and fitted to the GPU.
 
-- ``launch``: every kernel launch goes through it, so that ``precompile`` can compile the kernels a piece of code
-  would launch, side by side, before it first runs (the service's warm-up);
+- ``launch``: every kernel launch goes through it;
 - programmatic dependent launch (``PDL``, ``use_pdl``, ``pdl_args``) on Hopper and later, and the grid-dependency
   calls (``gdc_wait``, ``gdc_launch_dependents``) that the kernels import by name from here;
 - the batch-invariant choice between tensor cores and CUDA cores (``CUDA_CORE_ROWS``, ``tensor_cores``);
@@ -11,11 +10,7 @@
 
 from __future__ import annotations
 
-import contextvars
-import functools
 import os
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -41,67 +36,9 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# Set (in one thread) by ``precompile``: the launches that thread makes are collected instead of run.
-_COLLECTED: contextvars.ContextVar[list | None] = contextvars.ContextVar("dsvl2_collected_launches", default=None)
-
-
 def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)``; inside ``precompile``'s ``run`` the launch is only recorded, so that the
-    kernel can be compiled for exactly these arguments without running."""
-    collected = _COLLECTED.get()
-    if collected is None:
-        kernel[grid](*args, **kwargs)
-    else:
-        collected.append((kernel, grid, args, kwargs))
-
-
-def precompile(run: Callable[[], object], device: torch.device, workers: int = 8) -> int:
-    """Compile, side by side in a pool of threads, every Triton kernel that ``run()`` launches, for the
-    arguments it launches them with (Triton specialises on dtypes, alignments and integer values), and load
-    each onto ``device``; the kernels do not run. Triton compiles a kernel on its first launch, in the
-    launching thread and one at a time, with a ptxas and a C compiler run (its launcher) each: seconds apiece,
-    on the service's start-up path. Compiled here, the first launch finds them in Triton's cache.
-    ``run`` executes PyTorch operations for real (on whatever data it is given). -> kernels compiled."""
-    collected: list = []
-    token = _COLLECTED.set(collected)
-    try:
-        run()
-    finally:
-        _COLLECTED.reset(token)
-    jobs = list({_launch_key(*job): job for job in collected}.values())
-    try:  # Triton's cache key hashes its own library (500 MB): once here rather than in every thread at once
-        from triton.runtime.cache import triton_key
-
-        triton_key()
-    except Exception:  # noqa: BLE001 - a Triton without it (or the interpreter's stand-in) hashes on its own
-        pass
-    init = None
-    if device.type == "cuda":  # Triton compiles for, and loads onto, the thread's current device
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        init = functools.partial(torch.cuda.set_device, index)
-    with ThreadPoolExecutor(min(workers, max(len(jobs), 1)), initializer=init,
-                            thread_name_prefix="dsvl2-triton") as pool:
-        list(pool.map(_compile_launch, jobs))
-    return len(jobs)
-
-
-def _launch_key(kernel, grid, args, kwargs) -> tuple:
-    """What a launch's compiled kernel depends on, for skipping repeats: tensors by dtype, strides and alignment,
-    everything else by value (a superset of Triton's specialisation, so distinct compilations stay distinct)."""
-    def part(a):
-        if isinstance(a, torch.Tensor):
-            return ("tensor", a.dtype, a.dim(), a.stride(), a.data_ptr() % 16)
-        if isinstance(a, (bool, int, float, str, type(None))):
-            return a
-        return ("object", id(a))  # e.g. a tensor descriptor: never merged
-    return (kernel, tuple(part(a) for a in args), tuple(sorted((k, part(v)) for k, v in kwargs.items())))
-
-
-def _compile_launch(job: tuple) -> None:
-    kernel, grid, args, kwargs = job
-    compiled = kernel.warmup(*args, grid=grid, **kwargs)
-    # Loading the binary and building the launcher (a C compiler run) otherwise happen at the first launch.
-    getattr(compiled, "run", None)
+    """``kernel[grid](*args, **kwargs)``: every kernel of this package launches through here."""
+    kernel[grid](*args, **kwargs)
 
 
 # Programmatic dependent launch (Hopper and later): each kernel here is launched so that it may start while

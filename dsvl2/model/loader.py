@@ -132,16 +132,12 @@ def allocate_model(cfg: ModelConfig, device: str | torch.device, dtype: torch.dt
     return model
 
 
-# Shards copied side by side in a background load (load_into), each with its own read-ahead stream. 1 is what
-# BENCHMARKS.md measured; `setup_time.py --load-workers 4` is ready to compare (not yet run on a GPU).
-LOAD_WORKERS = 1
-
-
 def load_into(model: DeepseekVL2, ckpt: str | Path, log: Callable[[str], None] = lambda s: None,
-              workers: int | None = None) -> None:
+              workers: int = 1, read_ahead: bool = True) -> None:
     """Copy a checkpoint into an allocated model's parameters in place, with ``load_model``'s checks. Safe
     to run in a thread while the model runs: the copies go through streams of their own (one per worker thread,
-    ``workers`` shards at a time, default ``LOAD_WORKERS``), synchronised at the end."""
+    ``workers`` shards at a time), synchronised at the end. With ``read_ahead`` the kernel is asked to read the
+    shards ahead of the copies, one stream per worker."""
     ckpt = Path(ckpt)
     t0 = time.perf_counter()
     params = dict(model.named_parameters())  # after finish_loading: views into the side-by-side stacks too
@@ -161,13 +157,14 @@ def load_into(model: DeepseekVL2, ckpt: str | Path, log: Callable[[str], None] =
             yield
         stream.synchronize()
 
-    n_bytes = _fill(params, ckpt, put, LOAD_WORKERS if workers is None else workers, own_stream)
+    n_bytes = _fill(params, ckpt, put, workers, own_stream, read_ahead)
     log(f"loaded {n_bytes / 1e9:.2f} GB from {ckpt} into the model on {device} in {time.perf_counter() - t0:.1f} s")
 
 
 def _fill(params: dict[str, nn.Parameter], ckpt: Path,
           put: Callable[[str, tuple[int, int] | None, torch.Tensor], None], workers: int = 1,
-          context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> int:
+          context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+          read_ahead: bool = True) -> int:
     """Check every checkpoint tensor against the model and hand it to ``put(parameter name, (expert, row
     block) or None, tensor)``; every parameter must be filled. With ``workers`` > 1 that many threads each take
     a shard at a time (``put`` must then be safe to call from several threads), each inside ``context()``, with
@@ -183,7 +180,8 @@ def _fill(params: dict[str, nn.Parameter], ckpt: Path,
         else:
             unfilled.add(n)
     files = shard_files(ckpt)
-    start_read_ahead(files.values(), streams=workers)  # the same files as the engine's early start: found started
+    if read_ahead:  # the same files as the start-up's early start: found started
+        start_read_ahead(files.values(), streams=workers)
     names = {n: p for n, p in files.items() if not n.startswith(DROPPED_PREFIXES)}
     shards: dict[Path, dict[str, Path]] = {}
     for name, path in names.items():

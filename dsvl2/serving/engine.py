@@ -78,9 +78,6 @@ class Engine(EngineStartup):
         drop = {processor.bos_id, self.eos_id, processor.pad_id}
         self.scheduler = Scheduler(self.runner, lambda: StreamDecoder(processor.tokenizer, drop), self.eos_id, log,
                                    recover=lambda: self._drop_compiled(("forward",)))
-        self._loader: threading.Thread | None = None  # a background load still filling the weights
-        self._load_error: BaseException | None = None
-        self._warming = False  # warm-up requests may run on weights still being loaded
         # Where warm-up looks for a compile bundle of this GPU and software (dsvl2.startup.compile_bundle), in order.
         self.bundle_dirs: list[Path] = [compile_bundle.SHIPPED]
 
@@ -128,8 +125,11 @@ class Engine(EngineStartup):
         """Yield text chunks as tokens arrive (the first at once, then at most one per ``stream_interval``); stops
         at eos, at max_new_tokens, when ``cancel`` is set or when the caller stops reading. The request runs in
         the scheduler's batch beside any others; its ``stats`` are its own."""
-        if not self._warming:
-            self.wait_loaded()
+        self.wait_loaded()
+        yield from self.stream_loading(req, cancel)
+
+    def stream_loading(self, req: Request, cancel: threading.Event | None = None) -> Iterator[str]:
+        """``stream`` without waiting for a background load: the warm-up's requests, on weights still loading."""
         cancel = cancel or threading.Event()
         active = self.scheduler.submit(req, cancel)
         try:

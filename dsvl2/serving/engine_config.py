@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 
 SLOT_CEILING = 64  # the largest batch the decode graphs and kernels are built for
+# The start-up's optional mechanisms (dsvl2.startup.sequence says what each does); all in use by default.
+STARTUP_MECHANISMS = ("prefetch", "read_ahead", "switch_interval", "bundle", "quick_autotune")
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,8 @@ class EngineConfig:
     moe_impl: str = "grouped"  # routed experts: "grouped" (kernels, grouped products) or "loop" (plain, one by one)
     stream_interval: float = 0.03  # seconds between two text chunks of a stream, after its first
     warmup: bool = False  # ``Engine.from_pretrained`` compiles, captures and runs a request before it returns
+    startup: frozenset[str] = frozenset(STARTUP_MECHANISMS)  # the start-up mechanisms in use
+    load_workers: int = 1  # shards copied side by side by a background load
 
     def __post_init__(self) -> None:
         on_gpu = torch.device(self.device).type == "cuda"
@@ -48,5 +52,11 @@ class EngineConfig:
             raise ValueError(f"slots must be an integer from 1 to {SLOT_CEILING}, got {slots!r}")
         if self.moe_impl not in ("grouped", "loop"):
             raise ValueError(f"moe_impl must be 'grouped' or 'loop', got {self.moe_impl!r}")
+        unknown = set(self.startup) - set(STARTUP_MECHANISMS)
+        if unknown:
+            raise ValueError(f"unknown start-up mechanism(s) {sorted(unknown)}: use {', '.join(STARTUP_MECHANISMS)}")
+        object.__setattr__(self, "startup", frozenset(self.startup))
+        if isinstance(self.load_workers, bool) or not isinstance(self.load_workers, int) or self.load_workers < 1:
+            raise ValueError(f"load_workers must be an integer >= 1, got {self.load_workers!r}")
         if not self.stream_interval >= 0:
             raise ValueError(f"stream_interval must be >= 0 seconds, got {self.stream_interval!r}")

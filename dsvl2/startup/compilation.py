@@ -19,25 +19,12 @@ QUICK_BENCHMARK_ITERS = 10
 
 def import_compiler() -> None:
     """Import Dynamo and Inductor (a few seconds on a cold start). Call it on one thread before starting threads
-    that compile, precompile or start the compile workers: these modules import each other in cycles, and a second
+    that compile: these modules import each other in cycles, and a second
     thread that imports one of them while the first is half-way through gets a "partially initialized module"
     error."""
     import torch._dynamo  # noqa: F401
     import torch._inductor.async_compile  # noqa: F401
     import torch._inductor.utils  # noqa: F401
-
-
-def start_compile_workers() -> None:
-    """Start Inductor's compile worker processes now, without waiting for them: they import torch and Triton
-    while the model is allocated instead of after compilation asks for them (until they are up, Inductor
-    compiles in the calling process). Does nothing where Inductor compiles in-process."""
-    try:
-        from torch._inductor.async_compile import AsyncCompile
-
-        AsyncCompile.warm_pool()
-        AsyncCompile.use_process_pool()  # submits the first job, which makes the pool start its workers
-    except Exception:  # noqa: BLE001 - an optimisation only: compilation starts its workers itself
-        return
 
 
 @contextlib.contextmanager
