@@ -155,3 +155,19 @@ def test_kernels_compiled_meanwhile_are_named(tmp_path: Path, monkeypatch) -> No
         (tmp_path / "cache" / entry / f"{name}.json").write_text("{}")
         (tmp_path / "cache" / entry / f"__grp__{name}.json").write_text("{}")
     assert compile_bundle.compiled_since(before) == ["_gemv_kernel", "triton_poi_fused_0"]
+
+
+def test_the_image_runs_the_python_the_kernel_archives_were_made_with() -> None:
+    """A Triton archive serves only the Python it was made with (its launchers and Triton's own cache keys depend on
+    it): the image that cog.yaml builds must run that Python, or a first start there compiles every kernel."""
+    import re
+
+    cog = (Path(__file__).resolve().parents[1] / "cog.yaml").read_text()
+    image_python = re.search(r'^\s*python_version:\s*"([\d.]+)"', cog, re.M).group(1)
+    archives = sorted(compile_bundle.SHIPPED.glob("*" + compile_bundle.TRITON_SUFFIX))
+    assert archives
+    for path in archives:
+        made_with = re.search(r"_py([\d.]+)\.triton\.tar\.xz$", path.name).group(1)
+        assert made_with == image_python, f"{path.name}: made with Python {made_with}, the image runs {image_python}"
+        bundle = path.name.replace(f"_py{made_with}{compile_bundle.TRITON_SUFFIX}", compile_bundle.SUFFIX)
+        assert (compile_bundle.SHIPPED / bundle).is_file()  # each archive travels with its compile bundle
