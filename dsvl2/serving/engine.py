@@ -27,7 +27,8 @@ from .engine_config import SLOT_CEILING, EngineConfig
 from .engine_startup import EngineStartup
 from .runner import Runner
 from .sampling import SamplingParams, validate_params
-from .scheduler import GenerationStats, Scheduler, Stream
+from .scheduler import GenerationStats, Scheduler
+from .stream import Stream
 
 __all__ = ["Engine", "EngineConfig", "GenerationStats", "Request"]
 
@@ -133,7 +134,7 @@ class Engine(EngineStartup):
         cancel = cancel or threading.Event()
         active = self.scheduler.submit(req, cancel)
         try:
-            yield from Stream(active, self.stream_interval)
+            yield from Stream(active.out, self.stream_interval)
         finally:
             cancel.set()  # the reader is gone: the scheduler drops the request within a step
 

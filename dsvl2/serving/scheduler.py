@@ -13,7 +13,7 @@ The loop, on the scheduler thread:
    runs the smallest bucket).
 
 A request that fails (its prefill runs out of memory, say) fails alone; the loop goes on. The text a request
-yields is coalesced by its reader (``Stream``): the first text at once, then at most one chunk per interval.
+yields is coalesced by its reader (``stream.Stream``): the first text at once, then at most one chunk per interval.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -29,8 +29,8 @@ import torch
 from .detokenize import StreamDecoder
 from .runner import MODES, Runner, sampler_mode
 from .sampling import RequestRng
+from .stream import END
 
-_END = object()
 IDLE_EXIT_S = 10.0  # the scheduler thread ends after this long with nothing to do
 _WAKE = object()  # put in the queue by ``Scheduler.close`` to wake an idle loop
 
@@ -259,7 +259,7 @@ class Scheduler:
         tail = a.decoder.flush()
         if tail:
             a.out.put(tail)
-        a.out.put(_END)
+        a.out.put(END)
 
     def _fail(self, a: Active, error: BaseException) -> None:
         a.done = True
@@ -287,37 +287,3 @@ class Scheduler:
                 self.runner.clear_row(last)
             else:
                 i += 1
-
-
-class Stream:
-    """The text of one request as its reader gets it: the first text at once, then whatever came meanwhile, at
-    most once per ``interval`` seconds (so that 64 streams at hundreds of tokens/s each do not flood the server
-    with one event per token)."""
-
-    def __init__(self, active: Active, interval: float) -> None:
-        self.active, self.interval = active, interval
-
-    def __iter__(self) -> Iterator[str]:
-        out = self.active.out
-        last = 0.0
-        while True:
-            item = out.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            parts, ended = [item], False
-            deadline = last + self.interval
-            while not ended:
-                wait = deadline - time.perf_counter()
-                try:
-                    nxt = out.get(timeout=wait) if wait > 0 else out.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is _END or isinstance(nxt, BaseException):
-                    out.put(nxt)  # seen again by the outer loop, after this text
-                    ended = True
-                else:
-                    parts.append(nxt)
-            last = time.perf_counter()
-            yield "".join(parts)
