@@ -11,3 +11,11 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from dsvl2.model.tiny import build_random_checkpoint
 
     return build_random_checkpoint(tmp_path_factory.mktemp("tiny") / "checkpoint", preset="demo", seed=0)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The real coglet server, started once for a test module (tests/coglet_server.py; a module may define its own)."""
+    from coglet_server import running_server
+
+    yield from running_server(tiny_checkpoint, tmp_path_factory)

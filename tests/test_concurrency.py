@@ -14,24 +14,17 @@ from pathlib import Path
 
 import pytest
 import requests
-from test_server import IMAGE, Server
+from coglet_server import IMAGE, Server, running_server
 
 SLOTS = 3  # coglet's slots and the engine's batch
 
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("COG_MAX_CONCURRENCY", str(SLOTS))
-        mp.setenv("DSVL2_MAX_BATCH", str(SLOTS))
-        mp.setenv("DSVL2_STREAM_INTERVAL_MS", "0")
-        srv = Server(tiny_checkpoint, tmp_path_factory.mktemp("server") / "server.log")
-    try:
-        srv.wait_until_set_up()
+    env = {"COG_MAX_CONCURRENCY": str(SLOTS), "DSVL2_MAX_BATCH": str(SLOTS), "DSVL2_STREAM_INTERVAL_MS": "0"}
+    for srv in running_server(tiny_checkpoint, tmp_path_factory, env):
         assert srv.wait_ready() == "READY", srv.log_tail()
         yield srv
-    finally:
-        srv.stop()
 
 
 class SSE:
