@@ -62,3 +62,17 @@ print("ok")
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root), "HOME": "/tmp"})
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_cache_report_counts_what_was_found_and_what_compiled(monkeypatch) -> None:
+    import collections
+
+    from dsvl2.startup.compilation import cache_report
+
+    fake = collections.defaultdict(collections.Counter)
+    fake["inductor"].update(fxgraph_cache_hit=5, fxgraph_cache_miss=1)
+    fake["aot_autograd"].update(autograd_cache_hit=4)
+    fake["frames"].update(ok=7)
+    monkeypatch.setattr("torch._dynamo.utils.counters", fake)
+    assert cache_report() == ("graphs 5 found, 1 compiled, 0 not cacheable; AOTAutograd 4 found, 0 compiled; "
+                              "Dynamo compiled 7 frames")

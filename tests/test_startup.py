@@ -52,7 +52,9 @@ def test_a_mechanism_left_out_does_not_run(tiny_checkpoint: Path, monkeypatch) -
         f"load read_ahead={read_ahead}"))
 
     config = _config(compile=True, warmup=True)
-    Engine.from_pretrained(tiny_checkpoint, config, log=lambda s: None)
+    logs: list[str] = []
+    Engine.from_pretrained(tiny_checkpoint, config, log=logs.append)
+    assert any(line.startswith("compile caches during the warm-up: graphs ") for line in logs), logs
     assert calls == ["read_ahead", "load read_ahead=True", "bundle", "compile", "warm_requests", "capture",
                      "final_request"]
     calls.clear()

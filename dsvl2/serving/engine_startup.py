@@ -61,11 +61,6 @@ class EngineStartup:
         """Compile each decoder layer's decode step (regional compilation: one layer's code serves all
         layers, and Inductor's on-disk cache makes a restart reuse it). Fuses the many small
         element-wise kernels of norms, rotary embedding and attention; the graph is captured after."""
-        import torch._dynamo
-
-        # Process-wide, and kept: one compiled decode graph per batch bucket (plus the prefill and vision graphs)
-        # must not hit Dynamo's default limit of 8 recompilations per function.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for layer in self.model.language.model.layers:
             # Static shapes for one row; the second batch size seen (warm-up captures them all) compiles one graph
             # with a symbolic batch that serves every larger bucket.

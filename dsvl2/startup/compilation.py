@@ -60,3 +60,14 @@ def quick_autotune(iters: int = QUICK_BENCHMARK_ITERS) -> Iterator[None]:
         else:
             bench.benchmark_gpu = own
 
+
+
+def cache_report() -> str:
+    """How this process's compilations met the compile caches so far: Inductor's graphs and AOTAutograd's entries found
+    (hits), compiled (misses) or not cacheable (bypasses), and how many frames Dynamo compiled."""
+    from torch._dynamo.utils import counters
+
+    inductor, aot, frames = counters["inductor"], counters["aot_autograd"], counters["frames"]
+    return (f"graphs {inductor['fxgraph_cache_hit']} found, {inductor['fxgraph_cache_miss']} compiled, "
+            f"{inductor['fxgraph_cache_bypass']} not cacheable; AOTAutograd {aot['autograd_cache_hit']} found, "
+            f"{aot['autograd_cache_miss']} compiled; Dynamo compiled {frames['ok']} frames")

@@ -42,7 +42,7 @@ from ..inputs.processor import Processor
 from ..model import loader
 from ..model.config import ModelConfig
 from . import compile_bundle, prefetch
-from .compilation import import_compiler, quick_autotune
+from .compilation import cache_report, import_compiler, quick_autotune
 
 if TYPE_CHECKING:
     from ..serving.engine import Engine
@@ -145,8 +145,12 @@ class StartUp:
         triton_before = compile_bundle.triton_entries() if self.on_cuda else set()
         if engine.use_compile:
             import_compiler()  # a no-op where the load did it
+            import torch._dynamo
             if self.uses("bundle"):
                 engine.load_compile_bundle()
+            # Process-wide, and kept: the compiled decode, prefill and vision regions recompile for a few shapes each
+            # (the batch buckets); Dynamo's default of 8 recompilations per function must not turn them eager.
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             engine.compile()
         with quick_autotune() if self.uses("quick_autotune") else contextlib.nullcontext():
             engine.or_eager(engine.warm_requests)
@@ -156,6 +160,8 @@ class StartUp:
         engine.wait_loaded()
         self.log(f"waited {time.perf_counter() - t1:.1f} s for the weights")
         engine.final_request(t0)
+        if engine.use_compile:  # what a first start with the bundle still compiles (against a restart)
+            self.log(f"compile caches during the warm-up: {cache_report()}")
         if self.on_cuda:  # what the shipped archive should have held: a first start compiles each of these
             compiled = compile_bundle.compiled_since(triton_before)
             self.log(f"Triton compiled {len(compiled)} kernels during the warm-up: {', '.join(compiled[:40])}")
