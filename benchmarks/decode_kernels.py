@@ -14,7 +14,9 @@ up front; for each batch size B the first B rows are decoded:
   plain step (eager, no kernels, experts in a loop): how many argmaxes agree, and the largest margin by which
   the plain step prefers another token where they do not.
 
-``--sweep`` also times the tiles of the tensor-core matrix and expert kernels at 1, 8 and 64 rows (graph replays);
+``--sweep`` also times the tiles of the tensor-core matrix and expert kernels at 1, 8 and 64 rows (graph replays;
+``--sweep-experts`` the expert kernels' only); ``--adopt`` then runs the step again with the expert tiles fastest
+at one row among those no slower at 64 rows (the numbers to set in ``kernels/moe.py``);
 ``--cuda-cores`` runs the CUDA-core kernels instead, at every batch size (``kernels.launch.CUDA_CORE_ROWS``).
 Prints JSON lines (device and versions first); with OUT set, also writes them all to $OUT/``--out``.
 """
@@ -51,6 +53,7 @@ RECORD: dict[str, object] = {}
 def emit(**kw) -> None:
     print(json.dumps(kw), flush=True)
     RECORD.update(kw)
+    RECORD.setdefault("lines", []).append(kw)  # every line, also those a later line's keys overwrite above
 
 
 def capture(fn: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
@@ -141,7 +144,7 @@ def patched(module: object, name: str, value: object) -> Iterator[None]:
         setattr(module, name, saved)
 
 
-def sweep(lm: LanguageModel, only_experts: bool = False) -> None:
+def sweep(lm: LanguageModel, only_experts: bool = False) -> dict[str, dict[str, list[float]]]:
     """Microseconds per call (graph replay) at 1, 8 and 64 rows of each tensor-core kernel's candidate tiles
     (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), and cuBLAS for the linear layers:
     {kernel: {tiles: [1 row, 8 rows, 64 rows]}}."""
@@ -173,6 +176,21 @@ def sweep(lm: LanguageModel, only_experts: bool = False) -> None:
             with patched(kernels.moe, knob, cfg):
                 times[str(cfg)] = [graph_us(lambda x=x, a=a: block.mlp.decode_residual(x, a, norm)) for x, a in inputs]
     emit(sweep_us=out)
+    return out
+
+
+def adopt(times: dict[str, dict[str, list[float]]]) -> dict[str, tuple[int, ...]]:
+    """For each expert knob, the sweep's tiles fastest at one row among those no more than 2 % slower at 64 rows
+    than the current tiles; set in ``kernels.moe`` -> {knob: tiles}."""
+    chosen = {}
+    for knob in ("GATE_UP_MMA_CONFIG", "DOWN_MMA_CONFIG"):
+        cands = times[f"moe_block_{knob}"]
+        current = cands[str(getattr(kernels.moe, knob))]
+        fine = {cfg: t for cfg, t in cands.items() if t[-1] <= 1.02 * current[-1]}
+        best = min(fine, key=lambda cfg: fine[cfg][0])
+        chosen[knob] = tuple(int(v) for v in best.strip("()").split(","))
+        setattr(kernels.moe, knob, chosen[knob])
+    return chosen
 
 
 @torch.inference_mode()
@@ -181,6 +199,8 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,32,64", help="batch sizes, at most 64")
     parser.add_argument("--sweep", action="store_true", help="also time the tensor-core kernels' tiles")
     parser.add_argument("--sweep-experts", action="store_true", help="--sweep of the expert kernels only")
+    parser.add_argument("--adopt", action="store_true", help="after a sweep, run the step again with the expert "
+                        "tiles fastest at one row (no more than 2 %% slower at 64 rows)")
     parser.add_argument("--cuda-cores", action="store_true", help="the CUDA-core kernels instead of tensor cores")
     parser.add_argument("--out", default="decode_kernels.json", help="file name under $OUT")
     parser.add_argument("--tiles", default="{}", help='tiles to use, e.g. {"MM_CONFIG": [64, 32, 256, 4, 3]}')
@@ -205,7 +225,10 @@ def main() -> None:
     invariance_and_speed(lm, [int(b) for b in args.batches.split(",")])
     fast_vs_plain(lm)
     if args.sweep or args.sweep_experts:
-        sweep(lm, only_experts=args.sweep_experts)
+        times = sweep(lm, only_experts=args.sweep_experts)
+        if args.adopt:
+            emit(adopted={k: list(v) for k, v in adopt(times).items()})
+            invariance_and_speed(lm, [int(b) for b in args.batches.split(",")])
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], args.out).write_text(json.dumps(RECORD, indent=1))
 
