@@ -13,7 +13,7 @@ drift over all of them):
 
 The variant after the colon chooses the start-up mechanisms (``dsvl2.startup.sequence``): ``all``, or items joined
 by ``+``: ``-NAME`` leaves that mechanism out (DSVL2_STARTUP_SKIP), ``load_workers=N`` copies N shards side by side
-(DSVL2_LOAD_WORKERS); e.g. ``-prefetch+-precompile``. The server's
+(DSVL2_LOAD_WORKERS); e.g. ``-prefetch+-switch_interval``. The server's
 output is timestamped from its process start; every ``setup: ... done in`` phase is reported. After READY one
 greedy prediction with an image checks that the server answers. Prints one JSON line per start; with OUT set,
 all of them (and each server's log) are written under $OUT.

@@ -70,7 +70,9 @@ def test_a_failed_background_load_is_raised_where_it_is_waited_for() -> None:
     task = sequence.Task("test", fail)
     with pytest.raises(OSError, match="disk gone"):
         task.join()
-    assert sequence.Task("test", lambda: None).join() is True
+    done = sequence.Task("test", lambda: None)
+    done.join()
+    assert not done.thread.is_alive() and done.error is None
 
 
 def test_the_config_names_only_known_mechanisms() -> None:

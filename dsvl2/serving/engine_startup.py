@@ -1,7 +1,7 @@
 """The engine's start-up steps: compile the model (regional ``torch.compile``, a compile bundle loaded first), run
-warm-up requests, capture the CUDA graphs, wait for a background load. Their
-order, the load and every thread are ``dsvl2.startup.sequence``'s. ``EngineStartup`` is the ``Engine``'s start-up
-half (a base class): its methods use the engine's model, runner and config.
+warm-up requests, capture the CUDA graphs, wait for a background load. Their order, the load and every thread are
+``dsvl2.startup.sequence``'s. ``EngineStartup`` is the ``Engine``'s start-up half (a base class): its methods use
+the engine's model, runner and config.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Keeping torch.compile's start-up cost off the service's setup.
 
-The service compiles while its weights stream from disk (``Engine.warmup``). Two costs of Inductor's first
-compilation are worth steering: its worker processes (each imports torch and Triton) and its run-time choice
-between a generated kernel's block-size configurations, which benchmarks every configuration about 100 times
-the first time the kernel runs (tens of seconds in all for this model's prefill and vision kernels).
+The service compiles while its weights stream from disk (``dsvl2.startup.sequence``). Inductor's compiler stack is
+imported on one thread first (``import_compiler``); its run-time choice between a generated kernel's block-size
+configurations, which benchmarks every configuration about 100 times the first time the kernel runs (tens of
+seconds in all for this model's prefill and vision kernels), is kept short (``quick_autotune``); and what the
+warm-up found in the compile caches is reported (``cache_report``).
 """
 
 from __future__ import annotations

@@ -107,14 +107,18 @@ def save(directory: Path, device: torch.device | str, log: Callable[[str], None]
         log("compile bundle: nothing was compiled in this process; no bundle written")
         return None
     data, info = saved
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / bundle_name(stack_key(device))
+    path = _write_xz(Path(directory) / bundle_name(stack_key(device)), data)
+    log(f"compile bundle {path}: {_counts(info)}, {len(data) / 1e6:.1f} MB -> {path.stat().st_size / 1e6:.1f} MB "
+        f"in {time.perf_counter() - t0:.1f} s")
+    return path
+
+
+def _write_xz(path: Path, data: bytes) -> Path:
+    """``data`` xz-compressed into ``path`` (its directory made), atomically -> path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_bytes(lzma.compress(data, preset=6))
     tmp.replace(path)
-    log(f"compile bundle {path}: {_counts(info)}, {len(data) / 1e6:.1f} MB -> {path.stat().st_size / 1e6:.1f} MB "
-        f"in {time.perf_counter() - t0:.1f} s")
     return path
 
 
@@ -147,11 +151,7 @@ def save_triton(directory: Path, device: torch.device | str, log: Callable[[str]
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for d in entries:
             tar.add(d, arcname=d.name)
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    path = Path(directory) / triton_name(stack_key(device))
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(lzma.compress(buf.getvalue(), preset=6))
-    tmp.replace(path)
+    path = _write_xz(Path(directory) / triton_name(stack_key(device)), buf.getvalue())
     log(f"Triton kernels: {len(entries)} cache entries from {cache} -> {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return path
 
@@ -164,7 +164,7 @@ def load_triton(path: Path, log: Callable[[str], None] = print) -> int:
     try:
         with tarfile.open(fileobj=io.BytesIO(lzma.decompress(Path(path).read_bytes()))) as tar:
             members = tar.getmembers()
-            new = {m.name.split("/")[0] for m in members} - {d.name for d in cache.glob("*")}
+            new = {m.name.split("/")[0] for m in members} - triton_entries()
             wanted = [m for m in members if m.name.split("/")[0] in new]
             cache.mkdir(parents=True, exist_ok=True)
             tar.extractall(cache, members=wanted, filter="data")  # plain files under the cache only

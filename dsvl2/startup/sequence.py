@@ -75,12 +75,11 @@ class Task:
         self.thread = threading.Thread(target=run, name=f"dsvl2-{name}", daemon=True)
         self.thread.start()
 
-    def join(self, timeout: float | None = None) -> bool:
-        """Wait (at most ``timeout`` seconds) -> True if the thread has ended; its error raised if it failed."""
-        self.thread.join(timeout)
+    def join(self) -> None:
+        """Wait for the thread to end; its error raised if it failed."""
+        self.thread.join()
         if self.error is not None:
             raise self.error
-        return not self.thread.is_alive()
 
 
 class StartUp:
